@@ -1,0 +1,196 @@
+"""CIFAR ResNets (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, section 4.2).
+
+The variant used by the CRD / mdistiller tables (Tian et al. 2020, Zhao et al. 2022): a 3x3 stem conv, three
+stages of ``(depth - 2) / 6`` BasicBlocks with strides 1-2-2, 1x1 conv + BN projection shortcuts when the
+shape changes (option B), global average pooling and a linear classifier ``fc``.
+
+- ``resnet8 ... resnet110``: stem 16, stages 16-32-64.
+- ``resnet8x4, resnet32x4``: stem 32, stages 64-128-256.
+
+Option ``widths`` gives the three stage widths and ``stem_width`` the stem width (default: the model's own
+without ``widths``, ``widths[0]`` with them), e.g.
+``create_model("resnet8", num_classes=10, widths=[8, 16, 32])``.
+
+Spatial size of each stage for an ``H x H`` input: stem and ``layer1`` H, ``layer2`` ceil(H/2), ``layer3``
+ceil(H/4), i.e. 32/16/8 for CIFAR, 28/14/7 for MNIST, 8/4/2 for 8x8 digits.
+
+Each block computes ``relu2(bn2(conv2(...)) + shortcut(x))`` with the sum as its own op: the pre-ReLU residual
+sum is the fx node ``layer{i}.{j}.add`` and ``bn2`` is the last BN of the residual branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from featkd.models import MODELS
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return self.relu2(out)
+
+
+class CifarResNet(nn.Module):
+    def __init__(
+        self,
+        depth: int,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        widths: Sequence[int] = (16, 32, 64),
+        stem_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
+        if len(widths) != 3 or min(widths) < 1:
+            raise ValueError(f"widths must be 3 positive stage widths, got {list(widths)}")
+        stem_width = widths[0] if stem_width is None else stem_width
+        if stem_width < 1:
+            raise ValueError(f"stem_width must be positive, got {stem_width}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU()
+        self.layer1 = self._make_layer(stem_width, widths[0], n, stride=1)
+        self.layer2 = self._make_layer(widths[0], widths[1], n, stride=2)
+        self.layer3 = self._make_layer(widths[1], widths[2], n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(in_planes, planes, stride)]
+        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+SMALL = (16, 32, 64)  # stem 16
+WIDE = (64, 128, 256)  # stem 32
+
+
+def _resnet(
+    depth: int,
+    stem: int,
+    stages: tuple[int, int, int],
+    num_classes: int,
+    in_channels: int,
+    widths: Sequence[int] | None,
+    stem_width: int | None,
+) -> CifarResNet:
+    """Default stem width: the model's own without ``widths``, ``widths[0]`` with them."""
+    if widths is None:
+        widths = stages
+        stem_width = stem if stem_width is None else stem_width
+    return CifarResNet(
+        depth,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        widths=widths,
+        stem_width=stem_width,
+    )
+
+
+@MODELS.register("resnet8")
+def resnet8(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-8 (stem 16, stages 16-32-64)."""
+    return _resnet(8, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet14")
+def resnet14(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-14 (stem 16, stages 16-32-64)."""
+    return _resnet(14, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet20")
+def resnet20(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-20 (stem 16, stages 16-32-64)."""
+    return _resnet(20, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet32")
+def resnet32(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-32 (stem 16, stages 16-32-64)."""
+    return _resnet(32, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet44")
+def resnet44(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-44 (stem 16, stages 16-32-64)."""
+    return _resnet(44, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet56")
+def resnet56(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-56 (stem 16, stages 16-32-64)."""
+    return _resnet(56, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet110")
+def resnet110(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-110 (stem 16, stages 16-32-64)."""
+    return _resnet(110, 16, SMALL, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet8x4")
+def resnet8x4(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-8x4 (stem 32, stages 64-128-256)."""
+    return _resnet(8, 32, WIDE, num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet32x4")
+def resnet32x4(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """ResNet-32x4 (stem 32, stages 64-128-256)."""
+    return _resnet(32, 32, WIDE, num_classes, in_channels, widths, stem_width)

@@ -1,0 +1,116 @@
+"""Adapter for ``torchvision:<name>`` classification models (``torchvision.models.get_model``).
+
+The model is built by torchvision with ``num_classes`` and the given options and is left unmodified, except
+that for ``in_channels != 3`` its first ``nn.Conv2d`` (first in ``named_modules()`` order) is replaced by one
+with the same hyper-parameters and ``in_channels`` inputs, so module names and ``state_dict`` keys stay
+torchvision's. Note that torchvision models keep their in-place ReLUs and additions.
+
+Option ``weights`` (e.g. ``"DEFAULT"``, needs internet the first time) loads pretrained weights: the model is
+built with its default head, then the final ``nn.Linear`` is replaced by a fresh one with ``num_classes``
+outputs (kept when the number of classes already matches). For ``in_channels != 3`` the new first conv gets
+the pretrained kernel averaged over the RGB channels, repeated for each input channel and scaled by
+``3 / in_channels`` (as timm's ``adapt_input_conv``), so a grey image copied to every channel gives the same
+activations as the RGB model on that grey image.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from featkd.errors import FeatkdError, did_you_mean
+
+
+def _torchvision_models() -> Any:
+    try:
+        import torchvision.models
+    except ImportError:
+        message = "torchvision is required for 'torchvision:...' models: pip install torchvision"
+        raise FeatkdError(message) from None
+    return torchvision.models
+
+
+def create_torchvision_model(
+    name: str, *, num_classes: int, in_channels: int = 3, weights: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build torchvision classification model ``name`` (see the module docstring)."""
+    tvm = _torchvision_models()
+    full = f"torchvision:{name}"
+    available = tvm.list_models(module=tvm)
+    if name not in available:
+        raise FeatkdError(
+            f"unknown model {full!r}{did_you_mean(name, available)}; torchvision classification models: "
+            + ", ".join(available)
+        )
+    if weights is not None and not isinstance(weights, str):
+        raise FeatkdError(f"model {full!r}: option 'weights' must be a string, got {weights!r}")
+    try:
+        if weights is None:
+            model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        else:
+            model = tvm.get_model(name, weights=weights, **kwargs)
+    except TypeError as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:
+            raise FeatkdError(
+                f"model {full!r}: unknown option {unknown.group(1)!r} (see the torchvision.models.{name} "
+                f"documentation for its options)"
+            ) from None
+        raise FeatkdError(f"model {full!r}: invalid options {kwargs}: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        what = f"weights {weights!r}" if weights is not None else f"options {kwargs}"
+        raise FeatkdError(f"model {full!r}: invalid {what}: {exc}") from None
+    except OSError as exc:  # urllib errors while downloading weights
+        raise FeatkdError(f"model {full!r}: could not download weights {weights!r}: {exc}") from None
+    if weights is not None:
+        _replace_classifier(model, num_classes, full)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, pretrained=weights is not None, full=full)
+    return model
+
+
+def _set_module(model: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, attr = qualname.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
+
+
+def _replace_classifier(model: nn.Module, num_classes: int, full: str) -> None:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise FeatkdError(f"model {full!r} has no nn.Linear classifier to replace")
+    qualname, old = linears[-1]
+    if old.out_features != num_classes:
+        _set_module(model, qualname, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int, *, pretrained: bool, full: str) -> None:
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise FeatkdError(f"model {full!r} has no nn.Conv2d whose input channels could be changed")
+    qualname, old = convs[0]
+    if old.groups != 1:
+        raise FeatkdError(f"model {full!r}: cannot change the input channels of a grouped first conv")
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,  # type: ignore[arg-type]
+        old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        if pretrained:
+            mean = old.weight.mean(dim=1, keepdim=True)
+            new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (old.in_channels / in_channels))
+        else:  # a fresh kernel with the spread of torchvision's own initialisation of this conv
+            nn.init.normal_(new.weight, 0.0, float(old.weight.std()))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    _set_module(model, qualname, new)
