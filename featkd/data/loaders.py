@@ -1,0 +1,363 @@
+"""Loaders: batches of ``(x, y)`` already on the target device, with DistributedSampler sharding semantics.
+
+Every loader follows the :class:`Loader` protocol. ``batch_size`` is always the GLOBAL batch: each of the
+``world_size`` ranks yields batches of ``batch_size // world_size`` samples.
+
+* Training order (:func:`train_shard_indices`) is exactly that of ``DistributedSampler(shuffle=True)``:
+  epoch ``e`` uses ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))``, padded by
+  repeating its head to a multiple of ``world_size``; rank ``r`` takes ``perm[r::world_size]``. So the
+  union of the ranks' batch ``b`` is the single-process batch ``b`` (as a set) for every full batch.
+* Evaluation order (:func:`eval_shard_indices`) is fixed, unpadded: rank ``r`` takes
+  ``indices[r::world_size]`` and keeps its last partial batch, so summing per-rank counts covers every sample
+  exactly once. Ranks may then yield different numbers of batches: only all-reduce after the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, draw_params, mix_seed
+from featkd.errors import FeatkdError
+
+Device = str | torch.device
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What every loader returns: ``x`` float32 normalised (B, C, H, W), ``y`` int64 (B,), on the device."""
+
+    num_samples: int  # samples this rank yields per epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def canonical_device(device: Device) -> torch.device:
+    """``torch.device`` with the current CUDA index filled in, so "cuda" and "cuda:0" share cached tensors."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def per_rank_batch(batch_size: int, world_size: int, rank: int) -> int:
+    """The per-rank batch size; a one-line FeatkdError for impossible combinations."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise FeatkdError(f"invalid rank {rank} for world_size {world_size}")
+    if batch_size < 1:
+        raise FeatkdError(f"batch size must be positive, got {batch_size}")
+    if batch_size % world_size:
+        raise FeatkdError(
+            f"batch size {batch_size} is not divisible by the world size {world_size} "
+            f"(the batch size is global: each rank gets batch_size / world_size)"
+        )
+    return batch_size // world_size
+
+
+def train_shard_indices(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """This rank's sample indices for one training epoch, identical to ``DistributedSampler(shuffle=True,
+    seed=seed, drop_last=False)`` after ``set_epoch(epoch)``."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    total = math.ceil(n / world_size) * world_size
+    if total > n:
+        perm = torch.cat([perm] * math.ceil(total / n))[:total]
+    return perm[rank::world_size]
+
+
+def eval_shard_indices(indices: Tensor, *, rank: int = 0, world_size: int = 1) -> Tensor:
+    """This rank's share of a fixed evaluation order: ``indices[rank::world_size]``, no padding."""
+    return indices[rank::world_size]
+
+
+def _split_batches(n: int, batch: int, drop_last: bool) -> int:
+    return n // batch if drop_last else math.ceil(n / batch)
+
+
+class Normalizer:
+    """``(x.float() / max_value - mean) / std`` per channel, as one multiply-add on the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], max_value: float) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.max_value = float(max_value)
+        self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        scale, shift = self._consts(x.device)
+        return torch.addcmul(shift, x.float(), scale)
+
+    def _consts(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._cache:
+            mean = torch.tensor(self.mean, dtype=torch.float64)
+            std = torch.tensor(self.std, dtype=torch.float64)
+            scale = (1.0 / (self.max_value * std)).float().view(1, -1, 1, 1).to(device)
+            shift = (-mean / std).float().view(1, -1, 1, 1).to(device)
+            self._cache[device] = (scale, shift)
+        return self._cache[device]
+
+
+class TensorSplit:
+    """A split held in memory: uint8 images (N, C, H, W), int64 labels (N,); copied to each device once."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match {images.shape[0]} images")
+        self.images = images.contiguous()
+        self.labels = labels.long().contiguous()
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device.type == "cpu":
+            return self.images, self.labels
+        if device not in self._on_device:
+            self._on_device[device] = (self.images.to(device), self.labels.to(device))
+        return self._on_device[device]
+
+
+class InMemoryTrainLoader:
+    """Shuffled, sharded, augmented batches from a :class:`TensorSplit`; no DataLoader, no workers."""
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        normalize: Normalizer,
+        augment: AugmentSpec,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: Device = "cpu",
+        drop_last: bool = True,
+    ) -> None:
+        self.batch_size = per_rank_batch(batch_size, world_size, rank)
+        self.split, self.normalize, self.augment = split, normalize, augment
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.device = canonical_device(device)
+        self.epoch = 0
+        self._params: tuple[int, AugmentParams] | None = None
+        per_rank = math.ceil(len(split) / world_size)
+        self._num_batches = _split_batches(per_rank, self.batch_size, drop_last)
+        self.num_samples = min(per_rank, self._num_batches * self.batch_size)
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._augment_params()
+
+    def _augment_params(self) -> AugmentParams | None:
+        if not self.augment.enabled:
+            return None
+        if self._params is None or self._params[0] != self.epoch:
+            params = draw_params(len(self.split), self.augment, seed=self.seed, epoch=self.epoch)
+            self._params = (self.epoch, params.to(self.device))
+        return self._params[1]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.split.on(self.device)
+        params = self._augment_params()
+        idx = train_shard_indices(
+            len(self.split), seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
+        ).to(self.device)
+        bs = self.batch_size
+        for b in range(self._num_batches):
+            ix = idx[b * bs : (b + 1) * bs]
+            x = images[ix]
+            if params is not None:
+                pad = self.augment.crop_padding
+                offsets = params.offsets[ix] if pad > 0 else None
+                x = crop_flip(x, offsets, params.flips[ix] if self.augment.hflip else None, pad)
+            yield self.normalize(x), labels[ix]
+
+
+class InMemoryEvalLoader:
+    """Fixed-order, unpadded, sharded batches (eval transform) over ``indices`` of a :class:`TensorSplit`."""
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        normalize: Normalizer,
+        batch_size: int,
+        *,
+        indices: Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        device: Device = "cpu",
+    ) -> None:
+        self.batch_size = per_rank_batch(batch_size, world_size, rank)
+        self.split, self.normalize = split, normalize
+        self.device = canonical_device(device)
+        if indices is None:
+            indices = torch.arange(len(split))
+        self.indices = eval_shard_indices(indices, rank=rank, world_size=world_size)
+        self.num_samples = len(self.indices)
+        self._num_batches = _split_batches(self.num_samples, self.batch_size, drop_last=False)
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Evaluation order does not depend on the epoch."""
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.split.on(self.device)
+        idx = self.indices.to(self.device)
+        bs = self.batch_size
+        for b in range(self._num_batches):
+            ix = idx[b * bs : (b + 1) * bs]
+            yield self.normalize(images[ix]), labels[ix]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders over datasets read from disk per sample (imagefolder), through a torch DataLoader.
+
+
+class _TrainBatches:
+    """Batch sampler with the training semantics above; yields lists of ``(sample index, epoch)`` keys so
+    the dataset can seed its random transform per (seed, epoch, sample index)."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+        self.n, self.batch, self.seed, self.rank, self.world_size = n, batch, seed, rank, world_size
+        self.epoch = 0
+        per_rank = math.ceil(n / world_size)
+        self.num_batches = _split_batches(per_rank, batch, drop_last)
+        self.num_samples = min(per_rank, self.num_batches * batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx = train_shard_indices(
+            self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
+        ).tolist()
+        for b in range(self.num_batches):
+            yield [(i, self.epoch) for i in idx[b * self.batch : (b + 1) * self.batch]]
+
+
+class _EvalBatches:
+    def __init__(self, indices: Tensor, batch: int, rank: int, world_size: int) -> None:
+        self.indices = eval_shard_indices(indices, rank=rank, world_size=world_size).tolist()
+        self.batch = batch
+        self.num_samples = len(self.indices)
+        self.num_batches = _split_batches(self.num_samples, batch, drop_last=False)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.num_batches):
+            yield self.indices[b * self.batch : (b + 1) * self.batch]
+
+
+class SeededTransformDataset(torch.utils.data.Dataset):
+    """``base[view[i]]`` through ``transform``; when indexed by ``(i, epoch)`` the transform's random draws
+    (torch's global RNG, forked so the caller's state is untouched) are seeded from (seed, epoch, i)."""
+
+    def __init__(self, base: Any, view: Sequence[int], transform: Any, seed: int = 0) -> None:
+        self.base, self.view, self.transform, self.seed = base, list(view), transform, seed
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        if isinstance(key, tuple):
+            i, epoch = key
+            image, label = self.base[self.view[i]]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(self.seed, epoch, i))
+                return self.transform(image), label
+        image, label = self.base[self.view[key]]
+        return self.transform(image), label
+
+
+class DataLoaderAdapter:
+    """A torch DataLoader over uint8 images, as a :class:`Loader` (normalised, on ``device``)."""
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batches: _TrainBatches | _EvalBatches,
+        normalize: Normalizer,
+        *,
+        device: Device,
+        num_workers: int,
+    ) -> None:
+        self.device = canonical_device(device)
+        self.batches, self.normalize = batches, normalize
+        self.num_samples = batches.num_samples
+        self.batch_size = batches.batch
+        pin = self.device.type == "cuda"
+        # own generator: iterating must not consume the global RNG (the per-sample seeds make the rest moot)
+        self._loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            pin_memory=pin,
+            generator=torch.Generator().manual_seed(0),
+        )
+        self._non_blocking = pin
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.batches, _TrainBatches):
+            self.batches.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self._loader:
+            x = x.to(self.device, non_blocking=self._non_blocking)
+            y = y.to(self.device, non_blocking=self._non_blocking)
+            yield self.normalize(x), y.long()
+
+
+def folder_train_loader(
+    dataset: SeededTransformDataset,
+    normalize: Normalizer,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: Device,
+    drop_last: bool,
+    num_workers: int,
+) -> DataLoaderAdapter:
+    batch = per_rank_batch(batch_size, world_size, rank)
+    batches = _TrainBatches(len(dataset), batch, seed, rank, world_size, drop_last)
+    return DataLoaderAdapter(dataset, batches, normalize, device=device, num_workers=num_workers)
+
+
+def folder_eval_loader(
+    dataset: SeededTransformDataset,
+    normalize: Normalizer,
+    batch_size: int,
+    *,
+    indices: Tensor | None,
+    rank: int,
+    world_size: int,
+    device: Device,
+    num_workers: int,
+) -> DataLoaderAdapter:
+    batch = per_rank_batch(batch_size, world_size, rank)
+    if indices is None:
+        indices = torch.arange(len(dataset))
+    batches = _EvalBatches(indices, batch, rank, world_size)
+    return DataLoaderAdapter(dataset, batches, normalize, device=device, num_workers=num_workers)
