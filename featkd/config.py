@@ -1,0 +1,323 @@
+"""Experiment configuration: typed dataclasses, built from YAML with every key checked.
+
+A config file holds the sections ``data``, ``teacher``, ``student``, ``method``, ``optim`` and ``train``
+(see ``configs/`` for complete examples); ``base: other.yaml`` merges the file over another one, so a family
+of experiments shares one protocol file. ``--set key.sub=value`` overrides (values parsed as YAML) are
+applied to the raw mapping before validation, so they are checked exactly like the file. Errors name the
+offending key and, for enumerations, the allowed values: ``method.temprature: unknown key (allowed: ...)``.
+
+The ``method`` section is validated against the options dataclass of the chosen method
+(``featkd.methods``), so every method documents its own options in one place.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from featkd.data import DataConfig
+from featkd.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """A network: registry name, constructor options and optional weights to load."""
+
+    model: str = "resnet8"
+    options: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # a state_dict / featkd checkpoint path, or "zoo:NAME"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (the schedule is stepped every iteration)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # "step": epochs (>= 1) or fractions
+    gamma: float = 0.1  # "step": factor at each milestone
+    warmup_epochs: float = 0.0  # linear warm-up from lr/100, in epochs (fractions allowed)
+    min_lr: float = 0.0  # "cosine": final learning rate
+    grad_clip: float | None = None  # max global L2 norm of the gradients, None = off
+
+
+@dataclass
+class TrainConfig:
+    """Everything about running the loop itself."""
+
+    epochs: int = 30
+    stop_after: int | None = None  # stop after this many epochs (the schedule still spans `epochs`); resume later
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
+    amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, none on CPU
+    deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmarking
+    num_threads: int | None = None  # torch CPU threads per process (None = torch's default)
+    sync_batchnorm: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    find_unused_parameters: bool = False  # DDP option, for methods with parameters unused in some steps
+    eval_every: int = 1  # evaluate on the test split every N epochs (and always after the last)
+    progress: Literal["auto", "on", "off"] = "auto"  # tqdm bars on rank 0 (auto: when stderr is a terminal)
+    tensorboard: bool = True  # write TensorBoard scalars when the tensorboard package is installed
+    save_best: bool = True  # keep best.pt, by validation accuracy if data.val_fraction > 0 else test accuracy
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig | None = None
+    student: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method.get("name", "none"))
+
+    def method_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generic checked conversion of mappings to dataclasses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (int -> float, mapping -> dataclass)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{path}: {value!r} is not allowed{did_you_mean(str(value), map(str, allowed))} "
+                f"(allowed: {', '.join(map(str, allowed))})"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of options, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values.
+
+    Errors name the full key path, e.g. ``optim.lr: expected a number, got 'fast'``.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{prefix}{key}: unknown key{did_you_mean(str(key), fields)} (allowed: {', '.join(fields)})"
+            )
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(path)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML and overrides
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("reading YAML configs needs PyYAML: pip install pyyaml") from None
+    return yaml
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.1"`` -> (["optim", "lr"], 0.1); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.1")
+    key, raw = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = _yaml().safe_load(raw) if raw.strip() else None
+    except Exception:  # YAML errors span many types; the raw string is then the value
+        value = raw
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``--set`` overrides applied (intermediate mappings are created)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = _yaml().safe_load(path.read_text())
+    except Exception as exc:  # report YAML syntax errors in one line with the file name
+        msg = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML ({msg})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings merge key by key, anything else in ``override`` replaces ``base``.
+
+    The ``method`` section is replaced whole (options of one method mean nothing to another).
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "method":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file; a top-level ``base: other.yaml`` (relative to the file) is merged underneath."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a loop")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another config file")
+    return merge(load_raw(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping (from YAML + overrides) into an :class:`ExperimentConfig`.
+
+    The ``method`` section is checked against the chosen method's options dataclass.
+    """
+    cfg = from_dict(ExperimentConfig, raw)
+    method = cfg.method if isinstance(cfg.method, dict) else {}
+    if "name" not in method:
+        raise ConfigError("method.name: required key is missing (e.g. none, kd, fitnets, mgd)")
+    from featkd.methods import METHODS  # local: methods import config types
+
+    cls = METHODS.get(str(method["name"]))
+    options = from_dict(cls.Config, cfg.method_options(), "method")
+    cfg.method = {"name": method["name"], **dataclasses.asdict(options)}
+    if cls.needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"teacher: method {method['name']!r} needs a teacher section")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``--set`` overrides and validate everything."""
+    raw = load_raw(path) if path is not None else {}
+    return build_config(apply_overrides(raw, overrides))
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return _yaml().safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,121 @@
+"""The demo: distil students on scikit-learn's digits with every method, and print a results table.
+
+It is the main job in miniature, on data that ships with scikit-learn (no download):
+
+1. the teacher: ``zoo:digits-resnet20`` (trained by ``configs/digits-none-resnet20.yaml``); if the zoo
+   lacks it, it is trained on the spot with that config;
+2. one student run per seed for every ``configs/digits-<method>-resnet20-resnet8.yaml`` (plus
+   ``digits-none-resnet8.yaml``, the no-distillation baseline): a ResNet-8 on a seeded, class-stratified
+   300-image subset of the training split, where distillation matters (``configs/base/digits.yaml``);
+3. a table: method, test accuracy mean +- std over seeds, delta vs. the no-distillation student,
+   and mean train time per run; optionally the same as JSON.
+
+A new method joins the demo by adding its ``configs/digits-<method>-resnet20-resnet8.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from featkd.config import apply_overrides, build_config, load_raw
+from featkd.errors import FeatkdError, did_you_mean
+
+TEACHER_CONFIG = "digits-none-resnet20.yaml"
+BASELINE_CONFIG = "digits-none-resnet8.yaml"
+PAIR_SUFFIX = "-resnet20-resnet8.yaml"
+
+
+def configs_dir() -> Path:
+    """$FEATKD_CONFIGS, the repository's configs/, or ./configs."""
+    candidates = [Path(os.environ["FEATKD_CONFIGS"])] if os.environ.get("FEATKD_CONFIGS") else []
+    candidates += [Path(__file__).resolve().parents[1] / "configs", Path.cwd() / "configs"]
+    for c in candidates:
+        if (c / BASELINE_CONFIG).is_file():
+            return c
+    raise FeatkdError(f"no demo configs found (looked for {BASELINE_CONFIG} in "
+                      f"{', '.join(map(str, candidates))}); run from the featkd repository or set FEATKD_CONFIGS")
+
+
+def demo_configs() -> dict[str, Path]:
+    """``{method label: config path}``: the baseline first, then kd, then the others alphabetically."""
+    folder = configs_dir()
+    found = {p.name[len("digits-"):-len(PAIR_SUFFIX)]: p for p in folder.glob(f"digits-*{PAIR_SUFFIX}")}
+    order = sorted(found, key=lambda m: (m != "kd", m))
+    return {"none": folder / BASELINE_CONFIG, **{m: found[m] for m in order}}
+
+
+def obtain_teacher(work_dir: Path, log: Callable[[str], None]) -> str:
+    """The teacher checkpoint: ``zoo:digits-resnet20`` if present, else one trained now into ``work_dir``."""
+    from featkd.zoo import resolve_weights
+
+    try:
+        resolve_weights("zoo:digits-resnet20")
+        return "zoo:digits-resnet20"
+    except FeatkdError as exc:
+        log(f"{exc}; training the teacher now")
+    from featkd.engine.trainer import train
+
+    out = work_dir / "teacher"
+    if not (out / "student.pt").is_file():
+        raw = apply_overrides(load_raw(configs_dir() / TEACHER_CONFIG), ["train.progress=off"])
+        train(build_config(raw), out, resume=(out / "last.pt").is_file(), log=log)
+    return str(out / "student.pt")
+
+
+def run_demo(methods: Sequence[str] | None = None, seeds: int = 3, epochs: int | None = None,
+             work_dir: str | Path = "runs/demo", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train every (method, seed) student in-process and return one row per method."""
+    from featkd.engine.trainer import train
+
+    available = demo_configs()
+    chosen = list(methods or available)
+    for m in chosen:
+        if m not in available:
+            raise FeatkdError(f"--methods: no demo config for {m!r}{did_you_mean(m, available)} "
+                              f"(available: {', '.join(available)})")
+    teacher = obtain_teacher(Path(work_dir), log)
+    rows = []
+    for m in chosen:
+        accs, times, teacher_acc = [], [], None
+        for seed in range(seeds):
+            overrides = [f"train.seed={seed}", "train.progress=off", "train.tensorboard=false",
+                         f"teacher.checkpoint={teacher}"]
+            if epochs is not None:
+                overrides += [f"train.epochs={epochs}", f"train.eval_every={epochs}"]
+            cfg = build_config(apply_overrides(load_raw(available[m]), overrides))
+            t0 = time.perf_counter()
+            result = train(cfg, out_dir=None, log=lambda _msg: None)
+            times.append(time.perf_counter() - t0)
+            accs.append(result.test_acc)
+            teacher_acc = result.teacher_test_acc
+            log(f"  {m:<12} seed {seed}: test_acc {result.test_acc:.2f}  ({times[-1]:.1f}s)")
+        rows.append({
+            "method": m, "config": str(available[m]), "seeds": seeds, "accs": accs,
+            "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if seeds > 1 else 0.0,
+            "train_s": statistics.fmean(times), "teacher_test_acc": teacher_acc,
+        })
+    base = next((r["acc_mean"] for r in rows if r["method"] == "none"), None)
+    for r in rows:
+        r["delta_vs_none"] = None if base is None else r["acc_mean"] - base
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'method':<14} {'test acc (mean +- std)':>23} {'delta vs none':>14} {'train time':>11}"]
+    for r in rows:
+        delta = "" if r["delta_vs_none"] is None else f"{r['delta_vs_none']:+.2f}"
+        lines.append(f"{r['method']:<14} {r['acc_mean']:>14.2f} +- {r['acc_std']:<5.2f} {delta:>14} "
+                     f"{r['train_s']:>10.1f}s")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")

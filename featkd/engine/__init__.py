@@ -1,0 +1,1 @@
+"""The training engine: a method-agnostic trainer, checkpoints, schedules, distributed helpers."""

@@ -1,0 +1,92 @@
+"""Run outputs on rank 0: per-epoch metrics as JSONL and CSV, TensorBoard scalars, progress bars."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Writes one record per epoch to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard if installed).
+
+    Both files are rewritten from the full history, so after a resume they hold exactly the epochs that
+    the checkpoint has seen (a run killed between checkpoint and log cannot leave a gap or a duplicate).
+    """
+
+    def __init__(self, out_dir: Path | None, tensorboard: bool = True, log=print) -> None:
+        self.out_dir = out_dir
+        self._tb = None
+        if out_dir is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional extra
+                log("tensorboard is not installed (pip install tensorboard); writing JSONL/CSV only")
+            else:
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        if self.out_dir is None or not history:
+            return
+        lines = "".join(json.dumps(rec, sort_keys=False) + "\n" for rec in history)
+        _write_text(self.out_dir / "metrics.jsonl", lines)
+        keys: list[str] = []
+        for rec in history:
+            keys.extend(k for k in rec if k not in keys)
+        tmp = self.out_dir / ".metrics.csv.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+        tmp.replace(self.out_dir / "metrics.csv")
+        if self._tb is not None:
+            last = history[-1]
+            for key, value in last.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._tb.add_scalar(key, value, last["epoch"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def progress(iterable: Iterable, total: int, desc: str, mode: str, enabled: bool) -> Iterator:
+    """Wrap ``iterable`` in a tqdm bar when asked for (``mode`` on, or auto on a terminal) and installed."""
+    want = enabled and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+    if want:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # optional extra
+            want = False
+        else:
+            return iter(tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True))
+    return iter(iterable)
+
+
+def format_epoch(rec: dict[str, Any], epochs: int) -> str:
+    """One console line for an epoch record."""
+    terms = ", ".join(f"{k[6:]} {v:.4g}" for k, v in rec.items() if k.startswith("train_") and k not in
+                      ("train_loss", "train_acc", "train_images_per_s"))
+    parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['train_loss']:.4f}" + (f" ({terms})" if terms else "")]
+    parts.append(f"train_acc {rec['train_acc']:.2f}")
+    for key in ("val_acc", "test_acc"):
+        if key in rec:
+            parts.append(f"{key} {rec[key]:.2f}")
+    parts.append(f"lr {rec['lr']:.3g}")
+    parts.append(f"{rec['epoch_time']:.1f}s")
+    return "  ".join(parts)

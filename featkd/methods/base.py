@@ -1,0 +1,231 @@
+"""The :class:`Distiller` interface every method implements, and the objects the trainer hands it.
+
+One training step, as the trainer runs it (the trainer knows nothing about any particular method)::
+
+    teacher_logits, teacher_features = teacher(x)          # frozen, eval(), no_grad; skipped if not needed
+    student_logits, student_features = student(x)          # CapturingModel of the student
+    losses = distiller(Batch(x, y, student_logits, ...))   # {"ce": ..., "kd": ..., "mgd": ...}, weighted
+    sum(losses.values()).backward(); optimizer.step()      # student + distiller parameters
+
+Around it the trainer calls the life-cycle hooks: :meth:`Distiller.setup` once before training (after a
+resumed state is loaded), :meth:`on_epoch_start`, :meth:`on_step_end` after every optimiser step and
+:meth:`on_epoch_end`, each with a :class:`RunContext` (models, the eval-view loader of the training split,
+device, distributed helpers). The distiller is an ``nn.Module``: its parameters join the optimiser, its
+parameters, buffers and ``get_extra_state`` go into every checkpoint, and none of it is part of the exported
+student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featkd.errors import FeatkdError
+from featkd.features import CapturingModel
+
+if TYPE_CHECKING:
+    from featkd.data import DataBundle, Loader
+
+
+@dataclass
+class DistillerConfig:
+    """Options every method has: the task loss weight and an optional Hinton KD term.
+
+    The Hinton term is ``kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))`` (batch mean), T =
+    ``kd_temperature``. With ``kd_weight = 0`` it is not computed.
+    """
+
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+
+
+@dataclass
+class Batch:
+    """One training batch with both networks' outputs.
+
+    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,); logits (B, num_classes); features as captured
+    (e.g. (B, C_i, H_i, W_i)). ``teacher_logits`` is None when the method needs no teacher.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    student_logits: Tensor
+    student_features: dict[str, Tensor]
+    teacher_logits: Tensor | None = None
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0  # global optimiser step (0-based) this batch belongs to
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over all ranks, in place (no-op in a single process). Every rank must call it."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
+        if self.enabled:
+            torch.distributed.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+@dataclass
+class BuildContext:
+    """What a distiller may look at while it is built: the models (weights loaded) and their shapes."""
+
+    teacher: nn.Module | None
+    student: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    device: torch.device
+
+    def feature_shapes(self, role: str, points: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+        """Per-example shapes of capture ``points`` of the ``"teacher"`` or ``"student"`` network."""
+        model = self.teacher if role == "teacher" else self.student
+        if model is None:
+            raise FeatkdError(f"this method needs a {role}")
+        example = torch.zeros(2, *self.input_shape, device=self.device)
+        capture = CapturingModel(model, points, example)
+        capture.remove_hooks()
+        return capture.shapes
+
+
+@dataclass
+class RunContext:
+    """What the life-cycle hooks get. Models are the raw ones (not DDP-wrapped, weights shared)."""
+
+    teacher: nn.Module | None
+    student: nn.Module
+    teacher_capture: CapturingModel | None
+    student_capture: CapturingModel
+    data: DataBundle
+    device: torch.device
+    dist: DistInfo
+    epochs: int
+    steps_per_epoch: int
+    resumed: bool = False
+    out_dir: Path | None = None  # None on ranks other than 0 and for runs that write nothing
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    log: Callable[[str], None] = print
+    eval_batch_size: int = 512
+    seed: int = 0
+
+    def train_eval_loader(self, limit: int | None = None, batch_size: int | None = None) -> Loader:
+        """The training split with eval transforms, this rank's shard; ``limit``: a seeded subset."""
+        return self.data.train_eval_loader(
+            batch_size or self.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            device=self.device, limit=limit, seed=self.seed,
+        )
+
+    @torch.no_grad()
+    def iter_features(self, loader: Loader) -> Iterator[tuple[Tensor, Tensor, Any, Any]]:
+        """Run both captures in eval mode over ``loader``; yields ``(x, y, teacher_out, student_out)``.
+
+        Each ``*_out`` is ``(logits, {point: tensor})``. The student's train/eval mode is restored after.
+        """
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            for x, y in loader:
+                with self.autocast():
+                    t_out = self.teacher_capture(x) if self.teacher_capture is not None else None
+                    s_out = self.student_capture(x)
+                yield x, y, t_out, s_out
+        finally:
+            self.student.train(was_training)
+
+
+def hinton_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch (Hinton et al. 2015).
+
+    Shapes: logits (B, K) -> scalar. Computed in float32 for stability under autocast.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+class Distiller(nn.Module):
+    """Base class of every method: one file per method under ``featkd/methods/``.
+
+    A subclass sets ``Config`` (a dataclass of its options, usually extending :class:`DistillerConfig`),
+    ``needs_teacher``, and in ``__init__`` the capture points ``teacher_points`` / ``student_points`` it
+    wants; it overrides :meth:`loss` (the method's own terms) and whichever hooks it needs.
+    :meth:`forward` adds the task and optional Hinton terms, so every method offers "+ KD" the same way.
+    """
+
+    Config: ClassVar[type] = DistillerConfig
+    needs_teacher: ClassVar[bool] = True
+    #: buffers that legitimately differ between DDP ranks (e.g. per-rank running sums that the method
+    #: all-reduces itself); DDP must not overwrite them with rank 0's copy.
+    rank_local_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: DistillerConfig, ctx: BuildContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.teacher_points: tuple[str, ...] = ()
+        self.student_points: tuple[str, ...] = ()
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Named, already weighted loss terms; the trainer minimises their sum."""
+        losses: dict[str, Tensor] = {}
+        if self.cfg.ce_weight:
+            losses["ce"] = self.cfg.ce_weight * F.cross_entropy(batch.student_logits.float(), batch.targets)
+        if self.cfg.kd_weight:
+            if batch.teacher_logits is None:
+                raise FeatkdError("kd_weight > 0 needs a teacher")
+            losses["kd"] = self.cfg.kd_weight * hinton_kd_loss(
+                batch.student_logits, batch.teacher_logits, self.cfg.kd_temperature
+            )
+        losses.update(self.loss(batch))
+        return losses
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """The method's own weighted terms (none for the plain baselines)."""
+        return {}
+
+    # life-cycle hooks (all optional) ------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        """Before the first epoch, after a resumed state has been loaded (``ctx.resumed``)."""
+
+    def on_epoch_start(self, epoch: int, ctx: RunContext) -> None:
+        """Before epoch ``epoch`` (0-based)."""
+
+    def on_step_end(self, step: int, ctx: RunContext) -> None:
+        """After optimiser step ``step`` (0-based, global)."""
+
+    def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
+        """After the last step of epoch ``epoch``, before evaluation and checkpointing."""
+
+    def metrics(self) -> dict[str, float]:
+        """Extra numbers to log with each epoch (e.g. the mean matching cost)."""
+        return {}
