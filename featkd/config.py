@@ -67,7 +67,8 @@ class TrainConfig:
     sync_batchnorm: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP (CUDA only)
     find_unused_parameters: bool = False  # DDP option, for methods with parameters unused in some steps
     eval_every: int = 1  # evaluate on the test split every N epochs (and always after the last)
-    progress: Literal["auto", "on", "off"] = "auto"  # tqdm bars on rank 0 (auto: when stderr is a terminal)
+    # tqdm bars on rank 0 (auto: when stderr is a terminal); YAML's bare on/off read as true/false, both accepted
+    progress: Literal["auto", "on", "off"] | bool = "auto"
     tensorboard: bool = True  # write TensorBoard scalars when the tensorboard package is installed
     save_best: bool = True  # keep best.pt, by validation accuracy if data.val_fraction > 0 else test accuracy
 
@@ -251,7 +252,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
@@ -285,7 +286,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path)
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' files include each other in a loop")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data

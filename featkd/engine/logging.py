@@ -65,9 +65,9 @@ def write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def progress(iterable: Iterable, total: int, desc: str, mode: str, enabled: bool) -> Iterator:
-    """Wrap ``iterable`` in a tqdm bar when asked for (``mode`` on, or auto on a terminal) and installed."""
-    want = enabled and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+def progress(iterable: Iterable, total: int, desc: str, mode: str | bool, enabled: bool) -> Iterator:
+    """Wrap ``iterable`` in a tqdm bar when asked for (``mode`` on/True, or auto on a terminal) and installed."""
+    want = enabled and (mode in ("on", True) or (mode == "auto" and sys.stderr.isatty()))
     if want:
         try:
             from tqdm import tqdm

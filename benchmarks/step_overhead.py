@@ -1,0 +1,107 @@
+"""Does featkd's trainer add anything to a training step?  (issue: core, "Speed")
+
+Times, side by side in one run (interleaved rounds, median per step), a plain hand-written PyTorch step and
+``Trainer.train_step`` on the same teacher/student pair, batch and in-memory data, for a CE-only step and a
+Hinton-KD step, and writes the ratios featkd / hand-written as JSON. Target: <= 1.05 for both.
+
+    python benchmarks/step_overhead.py [--dataset fashion-mnist] [--batch 128] [--out benchmarks/results/step_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from featkd.config import build_config
+from featkd.engine.trainer import Trainer
+from featkd.models import create_model
+from featkd.timing import environment, time_interleaved, trainer_step
+
+
+def hand_written_step(cfg, trainer: Trainer, kd: bool):  # noqa: ANN001, ANN201
+    """The loop a user would write by hand: same models (fresh copies), optimiser and batches."""
+    data = trainer.data
+    make = lambda spec: create_model(spec.model, num_classes=data.num_classes,  # noqa: E731
+                                     in_channels=data.input_shape[0], **spec.options).to(trainer.device)
+    student = make(cfg.student)
+    student.load_state_dict(trainer.student.state_dict())
+    teacher = None
+    if kd:
+        teacher = make(cfg.teacher).eval()
+        teacher.load_state_dict(trainer.teacher.state_dict())
+        teacher.requires_grad_(False)
+    oc = cfg.optim
+    opt = torch.optim.SGD(student.parameters(), lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov,
+                          weight_decay=oc.weight_decay)
+    method = cfg.method
+    loader = trainer.train_loader
+    loader.set_epoch(0)
+    batches = [b for _, b in zip(range(4), loader)]
+    state = {"i": 0}
+    student.train()
+
+    def step() -> None:
+        x, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        logits = student(x)
+        loss = F.cross_entropy(logits, y)
+        if kd:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            t = method["kd_temperature"]
+            kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean",
+                          log_target=True)
+            loss = method["ce_weight"] * loss + method["kd_weight"] * t * t * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()  # a hand-written loop logs its loss too
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["digits", "fashion-mnist"])
+    parser.add_argument("--teacher", default="resnet20")
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results/step_overhead.json")
+    args = parser.parse_args()
+
+    results = {}
+    for method in ({"name": "none"}, {"name": "kd", "kd_temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.5}):
+        raw = {
+            "data": {"dataset": args.dataset, "batch_size": args.batch},
+            "teacher": {"model": args.teacher}, "student": {"model": args.student}, "method": method,
+            "optim": {"lr": 0.05, "schedule": "constant"},
+            "train": {"epochs": 1, "device": args.device, "progress": "off", "tensorboard": False},
+        }
+        cfg = build_config(raw)
+        trainer = Trainer(cfg, out_dir=None, log=lambda _m: None)
+        kd = method["name"] == "kd"
+        times = time_interleaved(
+            {"hand_written": hand_written_step(cfg, trainer, kd), "featkd": trainer_step(trainer)},
+            rounds=args.rounds, calls=args.calls, device=trainer.device,
+        )
+        ratio = times["featkd"]["median"] / times["hand_written"]["median"]
+        results[method["name"]] = {"seconds_per_step": times, "ratio_featkd_over_hand_written": ratio}
+        print(f"{method['name']:>5}: hand-written {times['hand_written']['median'] * 1e3:.1f} ms/step, "
+              f"featkd {times['featkd']['median'] * 1e3:.1f} ms/step, ratio {ratio:.3f}")
+    out = {"benchmark": "step_overhead", "dataset": args.dataset, "teacher": args.teacher,
+           "student": args.student, "batch": args.batch, "device": args.device, "target_ratio": 1.05,
+           "results": results, "environment": environment()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The benchmark runner behind ``featkd bench PROTOCOL``: a resumable grid of (method config x seed) runs.
+
+A protocol is a YAML file in ``benchmarks/protocols/`` (see ``benchmarks/README.md``)::
+
+    name: data-limited
+    description: ...
+    seeds: 3
+    reference: none            # the row every delta is measured against (no distillation)
+    timing_reference: kd       # step-time ratios are taken against this row (Hinton KD)
+    methods:                   # row label -> experiment config (relative to the repository root)
+      none: configs/fashion-mnist-none-resnet8.yaml
+      kd: configs/fashion-mnist-kd-resnet20-resnet8.yaml
+
+Every cell is an ordinary ``featkd train CONFIG --seed S --out RUNS/<label>/seed<S>`` process. A cell whose
+``summary.json`` says ``finished`` is not run again; a cell with a ``last.pt`` is resumed. Results:
+``benchmarks/results/<protocol>.json`` (one row per method: ``method``, ``seeds``, ``acc_mean``, ``acc_se``,
+``delta_vs_ce``, ``delta_se``, ``train_s``, ...), a Markdown table next to it, and plots when matplotlib is
+installed. Accuracy is each run's final-epoch test accuracy (never the best epoch: that would select on the
+test set); s.e. = sample standard deviation / sqrt(seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featkd.errors import FeatkdError, did_you_mean
+
+
+@dataclass
+class Protocol:
+    name: str
+    methods: dict[str, str]
+    seeds: int = 3
+    reference: str = "none"
+    timing_reference: str = "kd"
+    description: str = ""
+    epoch_marks: list[int] = field(default_factory=list)  # also report test accuracy after these epochs
+    # If set, every row keeps only the `method` section of its config and takes everything else (data,
+    # teacher, student, optim, train) from this file: one set of method configs serves every protocol.
+    base: str | None = None
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def protocols_dir() -> Path:
+    return Path(os.environ.get("FEATKD_PROTOCOLS", repo_root() / "benchmarks" / "protocols"))
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    """A protocol by name (``benchmarks/protocols/<name>.yaml``) or path, with its config paths checked."""
+    from featkd.config import from_dict, read_yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        folder = protocols_dir()
+        path = folder / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in folder.glob("*.yaml"))
+            raise FeatkdError(f"unknown protocol {name_or_path!r}{did_you_mean(name_or_path, known)}; "
+                              f"available: {', '.join(known) or 'none'} (in {folder})")
+    protocol = from_dict(Protocol, read_yaml(path), "protocol")
+    if protocol.base and not (repo_root() / protocol.base).is_file():
+        raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found")
+    for label, cfg in protocol.methods.items():
+        if not (repo_root() / cfg).is_file():
+            raise FeatkdError(f"protocol {protocol.name}: methods.{label}: config {cfg} not found")
+    if protocol.reference not in protocol.methods:
+        raise FeatkdError(f"protocol {protocol.name}: reference {protocol.reference!r} is not one of its methods")
+    return protocol
+
+
+@dataclass
+class Cell:
+    label: str
+    config: str
+    seed: int
+    out: Path
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out / "summary.json"
+
+    def finished(self) -> bool:
+        if not self.summary_path.is_file():
+            return False
+        return json.loads(self.summary_path.read_text()).get("status") == "finished"
+
+
+def cell_config(protocol: Protocol, label: str, runs_dir: Path) -> str:
+    """The config a row trains with: its own file, or (with ``protocol.base``) its method over the base."""
+    if not protocol.base:
+        return str(repo_root() / protocol.methods[label])
+    from featkd.config import build_config, dump_yaml, load_raw, merge
+
+    own = load_raw(repo_root() / protocol.methods[label])
+    raw = merge(load_raw(repo_root() / protocol.base), {"name": f"{protocol.name}-{label}", "method": own["method"]})
+    path = runs_dir / label / "input.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(build_config(raw)))  # validated now, so a bad row fails before any training
+    return str(path)
+
+
+def grid(protocol: Protocol, methods: Sequence[str] | None, seeds: int, runs_dir: Path) -> list[Cell]:
+    labels = list(methods or protocol.methods)
+    for label in labels:
+        if label not in protocol.methods:
+            raise FeatkdError(f"--methods: {label!r} is not in protocol {protocol.name}"
+                              f"{did_you_mean(label, protocol.methods)} (rows: {', '.join(protocol.methods)})")
+    configs = {label: cell_config(protocol, label, runs_dir) for label in labels}
+    return [Cell(label, configs[label], seed, runs_dir / label / f"seed{seed}")
+            for label in labels for seed in range(seeds)]
+
+
+def run_cell(cell: Cell, extra: Sequence[str] = ()) -> tuple[Cell, int, str]:
+    """Train one cell in its own process (resuming it if it was interrupted)."""
+    cmd = [sys.executable, "-m", "featkd", "train", cell.config, "--seed", str(cell.seed),
+           "--out", str(cell.out), "--set", "train.progress=off", *extra]
+    if (cell.out / "last.pt").is_file():
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root())
+    message = (proc.stderr.strip().splitlines() or [""])[-1]
+    return cell, proc.returncode, message
+
+
+def run_grid(cells: list[Cell], jobs: int = 1, extra: Sequence[str] = (),
+             log: Callable[[str], None] = print) -> list[tuple[Cell, int, str]]:
+    """Run the unfinished cells, ``jobs`` at a time; returns (cell, exit code, last stderr line) per run."""
+    todo = [c for c in cells if not c.finished()]
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished; running {len(todo)} "
+        f"with {jobs} job(s)")
+    done: list[tuple[Cell, int, str]] = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for i, (cell, code, msg) in enumerate(pool.map(lambda c: run_cell(c, extra), todo), 1):
+            done.append((cell, code, msg))
+            status = "ok" if code == 0 else f"FAILED ({msg})"
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / i * (len(todo) - i)
+            log(f"[{i}/{len(todo)}] {cell.label} seed {cell.seed}: {status}  "
+                f"({elapsed:.0f}s elapsed, ~{eta:.0f}s left)")
+    return done
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def _epoch_acc(out: Path, epoch: int) -> float | None:
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("epoch") == epoch and "test_acc" in rec:
+            return rec["test_acc"]
+    return None
+
+
+def summarise(protocol: Protocol, cells: list[Cell]) -> list[dict[str, Any]]:
+    """One row per method from the finished cells' summaries."""
+    rows = []
+    by_label: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_label.setdefault(c.label, []).append(c)
+    for label, group in by_label.items():
+        summaries = [json.loads(c.summary_path.read_text()) for c in group if c.finished()]
+        if not summaries:
+            continue
+        accs = [s["test_acc"] for s in summaries]
+        mean, se = _mean_se(accs)
+        row: dict[str, Any] = {
+            "method": label, "config": group[0].config, "seeds": len(accs), "accs": accs, "acc_mean": mean,
+            "acc_se": se, "train_s": statistics.fmean(s["train_seconds"] for s in summaries),
+            "teacher_test_acc": summaries[0].get("teacher_test_acc"),
+        }
+        for mark in protocol.epoch_marks:
+            marks = [a for c in group if (a := _epoch_acc(c.out, mark)) is not None]
+            if marks:
+                row[f"acc_epoch{mark}_mean"], row[f"acc_epoch{mark}_se"] = _mean_se(marks)
+        rows.append(row)
+    ref = next((r for r in rows if r["method"] == protocol.reference), None)
+    for r in rows:
+        if ref is None:
+            r["delta_vs_ce"] = r["delta_se"] = None
+        else:
+            r["delta_vs_ce"] = r["acc_mean"] - ref["acc_mean"]
+            r["delta_se"] = math.sqrt(r["acc_se"] ** 2 + ref["acc_se"] ** 2) if r is not ref else 0.0
+    return rows
+
+
+def step_time_ratios(protocol: Protocol, labels: Sequence[str], runs_dir: Path, rounds: int = 5,
+                     calls: int = 5) -> dict[str, float]:
+    """Training-step time of each row's config / the timing reference's, measured side by side."""
+    from featkd.config import apply_overrides, build_config, load_raw
+    from featkd.engine.trainer import Trainer
+    from featkd.timing import ratios, time_interleaved, trainer_step
+
+    wanted = list(dict.fromkeys([protocol.timing_reference, *labels]))
+    steps = {}
+    for label in wanted:
+        raw = apply_overrides(load_raw(cell_config(protocol, label, runs_dir)),
+                              ["train.progress=off", "train.tensorboard=false"])
+        steps[label] = trainer_step(Trainer(build_config(raw), out_dir=None, log=lambda _m: None))
+    return ratios(time_interleaved(steps, rounds=rounds, calls=calls), protocol.timing_reference)
+
+
+def _fmt(mean: float | None, se: float | None, sign: bool = False) -> str:
+    if mean is None:
+        return ""
+    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text + ("" if se is None or math.isnan(se) else f" ± {se:.2f}")
+
+
+def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    marks = [m for m in protocol.epoch_marks if any(f"acc_epoch{m}_mean" in r for r in rows)]
+    head = ["method", "seeds", "test acc (mean ± s.e.)", f"Δ vs {protocol.reference} (± s.e.)"]
+    head += [f"acc after epoch {m}" for m in marks] + ["train time / run", f"step time / {protocol.timing_reference}"]
+    lines = [f"## {protocol.name}", "", protocol.description.strip(), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], str(r["seeds"]), _fmt(r["acc_mean"], r["acc_se"]),
+                 _fmt(r["delta_vs_ce"], r["delta_se"], sign=True)]
+        cells += [_fmt(r.get(f"acc_epoch{m}_mean"), r.get(f"acc_epoch{m}_se")) for m in marks]
+        ratio = r.get("step_time_ratio")
+        cells += [f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{meta['command']}`; {meta['environment']['torch_threads']} thread(s), "
+              f"{meta['environment']['cpu_count']} CPU(s), {meta['environment']['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(protocol: Protocol, rows: list[dict[str, Any]], cells: list[Cell], path_prefix: Path) -> list[Path]:
+    """Accuracy per method with error bars, and test-accuracy-vs-epoch curves (matplotlib optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2), 3.2))
+    ax.bar([r["method"] for r in rows], [r["acc_mean"] for r in rows],
+           yerr=[0 if math.isnan(r["acc_se"]) else r["acc_se"] for r in rows], capsize=3, color="#4C72B0")
+    lo = min(r["acc_mean"] for r in rows)
+    ax.set_ylim(max(0.0, lo - 3), min(100.0, max(r["acc_mean"] for r in rows) + 1.5))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{protocol.name}: mean ± s.e. over seeds")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(f"{path_prefix}-accuracy.png", dpi=120)
+    written.append(Path(f"{path_prefix}-accuracy.png"))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label in dict.fromkeys(c.label for c in cells):
+        curves: dict[int, list[float]] = {}
+        for c in cells:
+            if c.label != label or not (c.out / "metrics.jsonl").is_file():
+                continue
+            for line in (c.out / "metrics.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                if "test_acc" in rec:
+                    curves.setdefault(rec["epoch"], []).append(rec["test_acc"])
+        if curves:
+            epochs = sorted(curves)
+            ax.plot(epochs, [statistics.fmean(curves[e]) for e in epochs], marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(f"{path_prefix}-curves.png", dpi=120)
+    written.append(Path(f"{path_prefix}-curves.png"))
+    plt.close(fig)
+    return written
