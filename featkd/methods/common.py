@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from featkd.errors import ConfigError, FeatkdError
+
+if TYPE_CHECKING:
+    from featkd.methods.base import BuildContext
 
 
 def parse_pairs(pairs: Sequence[Sequence[str]], key: str = "method.pairs") -> list[tuple[str, str]]:
@@ -20,6 +24,22 @@ def parse_pairs(pairs: Sequence[Sequence[str]], key: str = "method.pairs") -> li
         if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
             raise ConfigError(f"{key}[{i}]: expected [student_point, teacher_point], got {pair!r}")
         out.append((pair[0], pair[1]))
+    return out
+
+
+def embedding_pairs(pairs: Sequence[Sequence[str]], ctx: BuildContext) -> list[tuple[str, str]]:
+    """The configured pairs, or by default the classifiers' inputs ``[["fc:input", "fc:input"]]``.
+
+    Checks every point against both models at build time, so a typo fails before training with its name.
+    """
+    from featkd.models import classifier_name
+
+    if pairs:
+        out = parse_pairs(pairs)
+    else:
+        out = [(f"{classifier_name(ctx.student)}:input", f"{classifier_name(ctx.teacher)}:input")]
+    ctx.feature_shapes("student", [s for s, _ in out])
+    ctx.feature_shapes("teacher", [t for _, t in out])
     return out
 
 
