@@ -4,7 +4,8 @@ Times, side by side in one run (interleaved rounds, median per step), a plain ha
 ``Trainer.train_step`` on the same teacher/student pair, batch and in-memory data, for a CE-only step and a
 Hinton-KD step, and writes the ratios featkd / hand-written as JSON. Target: <= 1.05 for both.
 
-    python benchmarks/step_overhead.py [--dataset fashion-mnist] [--batch 128] [--out benchmarks/results/step_overhead.json]
+    python benchmarks/step_overhead.py [--dataset fashion-mnist] [--batch 128] \
+        [--out benchmarks/results/step_overhead.json]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from featkd.models import create_model
 from featkd.timing import environment, time_interleaved, trainer_step
 
 
-def hand_written_step(cfg, trainer: Trainer, kd: bool):  # noqa: ANN001, ANN201
+def hand_written_step(cfg, trainer: Trainer, kd: bool):
     """The loop a user would write by hand: same models (fresh copies), optimiser and batches."""
     data = trainer.data
     make = lambda spec: create_model(spec.model, num_classes=data.num_classes,  # noqa: E731
