@@ -68,37 +68,73 @@ def obtain_teacher(work_dir: Path, log: Callable[[str], None]) -> str:
     return str(out / "student.pt")
 
 
-def run_demo(methods: Sequence[str] | None = None, seeds: int = 3, epochs: int | None = None,
-             work_dir: str | Path = "runs/demo", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train every (method, seed) student in-process and return one row per method."""
+def _train_one(config: str, overrides: list[str]) -> tuple[float, float | None, float]:
+    """Train one student in this process: (test accuracy, teacher test accuracy, seconds)."""
     from featkd.engine.trainer import train
 
+    cfg = build_config(apply_overrides(load_raw(config), overrides))
+    t0 = time.perf_counter()
+    result = train(cfg, out_dir=None, log=lambda _msg: None)
+    return result.test_acc, result.teacher_test_acc, time.perf_counter() - t0
+
+
+def default_jobs() -> int:
+    """Two student runs at a time where there are two cores or more (the runs are small: one thread each)."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_demo(methods: Sequence[str] | None = None, seeds: int = 3, epochs: int | None = None,
+             work_dir: str | Path = "runs/demo", log: Callable[[str], None] = print,
+             jobs: int | None = None) -> list[dict[str, Any]]:
+    """Train every (method, seed) student and return one row per method.
+
+    With ``jobs > 1`` the runs go to that many worker processes, each with ``cores // jobs`` torch threads:
+    digits models are so small that one thread per run and one run per core is the fastest use of a CPU.
+    A run's result depends on its seed and (in the last bits) on its thread count, not on the order of runs.
+    """
     available = demo_configs()
     chosen = list(methods or available)
     for m in chosen:
         if m not in available:
             raise FeatkdError(f"--methods: no demo config for {m!r}{did_you_mean(m, available)} "
                               f"(available: {', '.join(available)})")
+    jobs = max(1, jobs or default_jobs())
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     teacher = obtain_teacher(Path(work_dir), log)
-    rows = []
+    tasks = []
     for m in chosen:
-        accs, times, teacher_acc = [], [], None
         for seed in range(seeds):
             overrides = [f"train.seed={seed}", "train.progress=off", "train.tensorboard=false",
-                         f"teacher.checkpoint={teacher}"]
+                         f"teacher.checkpoint={teacher}", f"train.num_threads={threads}"]
             if epochs is not None:
                 overrides += [f"train.epochs={epochs}", f"train.eval_every={epochs}"]
-            cfg = build_config(apply_overrides(load_raw(available[m]), overrides))
-            t0 = time.perf_counter()
-            result = train(cfg, out_dir=None, log=lambda _msg: None)
-            times.append(time.perf_counter() - t0)
-            accs.append(result.test_acc)
-            teacher_acc = result.teacher_test_acc
-            log(f"  {m:<12} seed {seed}: test_acc {result.test_acc:.2f}  ({times[-1]:.1f}s)")
+            tasks.append((m, seed, str(available[m]), overrides))
+    results: dict[tuple[str, int], tuple[float, float | None, float]] = {}
+
+    def record(m: str, seed: int, outcome: tuple[float, float | None, float]) -> None:
+        results[(m, seed)] = outcome
+        log(f"  {m:<12} seed {seed}: test_acc {outcome[0]:.2f}  ({outcome[2]:.1f}s)")
+
+    if jobs == 1:
+        for m, seed, config, overrides in tasks:
+            record(m, seed, _train_one(config, overrides))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a fresh interpreter per worker (fork after torch started its thread pools can hang)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_one, config, overrides): (m, seed) for m, seed, config, overrides in tasks}
+            for future in as_completed(futures):
+                record(*futures[future], future.result())
+    rows = []
+    for m in chosen:
+        accs = [results[(m, seed)][0] for seed in range(seeds)]
+        times = [results[(m, seed)][2] for seed in range(seeds)]
         rows.append({
             "method": m, "config": str(available[m]), "seeds": seeds, "accs": accs,
             "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if seeds > 1 else 0.0,
-            "train_s": statistics.fmean(times), "teacher_test_acc": teacher_acc,
+            "train_s": statistics.fmean(times), "teacher_test_acc": results[(m, 0)][1],
         })
     base = next((r["acc_mean"] for r in rows if r["method"] == "none"), None)
     for r in rows:
