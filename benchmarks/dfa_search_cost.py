@@ -8,7 +8,8 @@ Two numbers, both written to JSON:
    plus the ``last`` ablation's step (= FitNets on the group outputs) for the stage-2 overhead of
    aggregating every candidate. ``search / stage 2 = sum_g epochs * batches * t_iter_g / (epochs_2 *
    steps_per_epoch * t_step)``.
-2. *Measured end to end*, when runs of the config exist under ``--runs`` (``runs/evidence/<stem>/seed*``):
+2. *Measured end to end*, when runs of the config exist under ``--runs`` (default ``runs/bench/data-limited/dfa/seed*``,
+   the ``featkd bench data-limited`` cells):
    the search's wall time (``alpha.json: search_seconds``) over the same run's stage-2 ``train_seconds``.
 
     python benchmarks/dfa_search_cost.py [--config configs/fashion-mnist-dfa-resnet20-resnet8.yaml]
@@ -67,7 +68,7 @@ def measured_runs(runs: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/fashion-mnist-dfa-resnet20-resnet8.yaml")
-    parser.add_argument("--runs", help="folder with seed*/ runs of the config (default runs/evidence/<stem>)")
+    parser.add_argument("--runs", help="folder with seed*/ runs of the config (default runs/bench/data-limited/dfa)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -103,7 +104,7 @@ def main() -> None:
     print(f"search {search_s:.1f}s ({len(per_group)} stage(s) x {iters_per_stage} iterations) vs stage 2 "
           f"{stage2_s:.1f}s ({tc.epochs} x {dfa_trainer.steps_per_epoch} steps): ratio {predicted:.3f} (target <= 1.0)")
     print(f"stage-2 step DFA / last (= FitNets): {times['stage2_step']['median'] / times['last_step']['median']:.3f}")
-    measured = measured_runs(Path(args.runs) if args.runs else Path("runs/evidence") / stem)
+    measured = measured_runs(Path(args.runs or "runs/bench/data-limited/dfa"))
     if measured:
         ratios = [r["ratio"] for r in measured]
         print(f"measured in {len(measured)} run(s): search / stage 2 = {statistics.fmean(ratios):.3f} "
