@@ -40,6 +40,11 @@ def test_bench_grid_results_and_resume(tmp_path):
     assert "| kd | 2 |" in table
     # half-finished grid: one cell lost its summary -> only that cell runs again
     (runs / "kd" / "seed1" / "summary.json").unlink()
+    report = bench(*common, "--no-timing", "--report")  # tables from what finished, nothing trained
+    assert report.returncode == 0, report.stderr
+    assert "running" not in report.stdout and not (runs / "kd" / "seed1" / "summary.json").exists()
+    assert {r["method"]: r["seeds"] for r in json.loads((results / "digits-smoke.json").read_text())["rows"]} == {
+        "none": 2, "kd": 1}
     second = bench(*common, "--no-timing")
     assert second.returncode == 0, second.stderr
     assert "3 of 4 cells already finished; running 1" in second.stdout

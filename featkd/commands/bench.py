@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every cell (changes the runs: use a fresh --runs-dir)")
     p.add_argument("--no-timing", action="store_true", help="skip the step-time ratio measurement")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the tables from the cells that have finished so far")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     cells = bench.grid(protocol, args.methods, seeds, runs_dir)
     extra = [x for item in args.overrides for x in ("--set", item)]
     t0 = time.perf_counter()
-    outcomes = bench.run_grid(cells, args.jobs, extra)
+    outcomes = [] if args.report else bench.run_grid(cells, args.jobs, extra)
     failed = [(c, msg) for c, code, msg in outcomes if code != 0]
     rows = bench.summarise(protocol, cells)
     if not rows:
