@@ -35,8 +35,11 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check featkd tests benchmarks
 
+# The benchmark tables (benchmarks/README.md): every method x 3 seeds, two runs at a time; resumable.
 bench: $(STAMP)
-	$(BIN)/featkd bench data-limited
+	$(BIN)/featkd bench data-limited --jobs 2
+	$(BIN)/featkd bench mgd-reducers --jobs 2
+	$(BIN)/featkd bench pretrained --jobs 2
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
