@@ -216,7 +216,14 @@ def step_time_ratios(protocol: Protocol, labels: Sequence[str], runs_dir: Path, 
     for label in wanted:
         raw = apply_overrides(load_raw(cell_config(protocol, label, runs_dir)),
                               ["train.progress=off", "train.tensorboard=false"])
-        steps[label] = trainer_step(Trainer(build_config(raw), out_dir=None, log=lambda _m: None))
+        trainer = Trainer(build_config(raw), out_dir=None, log=lambda _m: None)
+        step = trainer_step(trainer)
+        try:
+            step()
+        except FeatkdError:  # the method needs its before-training setup first (MGD: the first matching)
+            trainer.distiller.setup(trainer.context())
+            step()
+        steps[label] = step
     return ratios(time_interleaved(steps, rounds=rounds, calls=calls), protocol.timing_reference)
 
 
