@@ -65,6 +65,16 @@ def models(frozen_teacher: bool = True):
     return teacher, student
 
 
+def capture_batch(teacher, student, distiller, x, y) -> Batch:
+    """One forward of both nets with the distiller's capture points: the Batch its loss sees."""
+    t_cap = CapturingModel(teacher, distiller.teacher_points, x[:2])
+    s_cap = CapturingModel(student, distiller.student_points, x[:2])
+    with torch.no_grad():
+        t_logits, t_feats = t_cap(x)
+    s_logits, s_feats = s_cap(x)
+    return Batch(x, y, s_logits, s_feats, t_logits, t_feats)
+
+
 def build_ctx(teacher, student) -> BuildContext:
     return BuildContext(teacher, student, SHAPE, 10, torch.device("cpu"))
 
@@ -248,12 +258,9 @@ def test_stage2_alpha_is_a_frozen_buffer_and_the_loss_by_hand(tmp_path, batch):
     assert bool(dfa.alpha_ready) and all(not a.requires_grad for a in dfa.alphas())
     assert dfa.teacher_points == tuple(c for p in pairs for c in p.teacher_candidates)
     x, y = batch
-    t_cap = CapturingModel(teacher, dfa.teacher_points, x[:2])
-    s_cap = CapturingModel(student, dfa.student_points, x[:2])
-    with torch.no_grad():
-        t_logits, t_feats = t_cap(x)
-    s_logits, s_feats = s_cap(x)
-    losses = dfa(Batch(x, y, s_logits, s_feats, t_logits, t_feats))
+    b = capture_batch(teacher, student, dfa, x, y)
+    s_logits, s_feats, t_feats = b.student_logits, b.student_features, b.teacher_features
+    losses = dfa(b)
     expected = 0.0
     for p, a, conn in zip(pairs, alphas, dfa.connectors, strict=True):
         target = sum(w * t_feats[c] for w, c in zip(a.tolist(), p.teacher_candidates, strict=True))
@@ -287,13 +294,7 @@ def test_last_is_fitnets_on_the_group_outputs_and_other_ablations(batch):
     fit = FitNets(FitNetsConfig(pairs=[["layer1", "layer1.2"], ["layer2", "layer2.2"], ["layer3", "layer3.2"]]),
                   ctx)
     fit.connectors.load_state_dict(last.connectors.state_dict())
-    x, y = batch
-    t_cap = CapturingModel(teacher, last.teacher_points, x[:2])
-    s_cap = CapturingModel(student, last.student_points, x[:2])
-    with torch.no_grad():
-        t_logits, t_feats = t_cap(x)
-    s_logits, s_feats = s_cap(x)
-    b = Batch(x, y, s_logits, s_feats, t_logits, t_feats)
+    b = capture_batch(teacher, student, last, *batch)
     torch.testing.assert_close(last(b)["dfa"], fit(b)["fitnets"], rtol=0, atol=0)
 
     average = DFA(DFAConfig(aggregation="average"), ctx)
