@@ -71,6 +71,8 @@ class TrainConfig:
     progress: Literal["auto", "on", "off"] | bool = "auto"
     tensorboard: bool = True  # write TensorBoard scalars when the tensorboard package is installed
     save_best: bool = True  # keep best.pt, by validation accuracy if data.val_fraction > 0 else test accuracy
+    channels_last: bool = False  # models and 4-D input batches in torch.channels_last memory format (GPU speed)
+    compile: bool = False  # torch.compile the student's and the teacher's forward (results unchanged)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``featkd eval CHECKPOINT``: accuracy of a trained student on a split.
+"""``featkd eval CHECKPOINT``: the task's metrics of a trained student on a split (accuracy; mIoU,
+pixel accuracy and per-class IoU for segmentation).
 
 CHECKPOINT is a run folder (its ``last.pt``, or ``best.pt`` with ``--best``), a featkd training
 checkpoint (which records its config), or a plain state_dict together with ``--config``.
@@ -23,53 +24,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
-    import torch
-
     from featkd.config import apply_overrides, build_config, load_config
-    from featkd.data import build_data
     from featkd.engine import checkpoint as ckpt
-    from featkd.engine.distributed import select_device
+    from featkd.engine.build import build_run
     from featkd.errors import FeatkdError
-    from featkd.models import create_model
 
     path = Path(args.checkpoint)
     if path.is_dir():
         path = path / ("best.pt" if args.best else "last.pt")
     state = ckpt.load_file(path)
-    overrides = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    overrides = [*args.overrides, f"train.device={args.device}"]
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
     if args.config:
         cfg = load_config(args.config, overrides)
     elif ckpt.is_training_checkpoint(state):
         cfg = build_config(apply_overrides(state["config"], overrides))
     else:
         raise FeatkdError(f"{path} is a plain state_dict: pass --config to say which model and data it is for")
-    data = build_data(cfg.data)
-    device = select_device(args.device)
-    model = create_model(cfg.student.model, num_classes=data.num_classes, in_channels=data.input_shape[0],
-                         **cfg.student.options)
-    ckpt.load_model_weights(model, path, what="checkpoint")
-    model.to(device).eval()
-    loader = {"test": data.test_loader, "val": data.val_loader, "train": data.train_eval_loader}[args.split]
-    batches = loader(cfg.data.eval_batch_size, device=device)
-    if batches is None:
-        raise FeatkdError("--split val: this config has no validation split (data.val_fraction is 0)")
-    correct = total = 0
-    loss = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            logits = model(x)
-            correct += int((logits.argmax(1) == y).sum())
-            loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            total += y.numel()
-    result = {"checkpoint": str(path), "split": args.split, "model": cfg.student.model,
-              "dataset": cfg.data.dataset, "accuracy": 100.0 * correct / max(1, total),
-              "loss": loss / max(1, total), "samples": total}
+    # the student alone: no method, so no teacher is built or needed
+    run = build_run(dataclasses.replace(cfg, method={"name": "none"}), log=lambda _m: None,
+                    student_checkpoint=path)
+    result = run.evaluate(run.student, args.split)
+    report = {"checkpoint": str(path), "split": args.split, "model": cfg.student.model,
+              "dataset": cfg.data.dataset, "task": run.task.name, **result}
+    if run.task.metric == "acc":
+        report["accuracy"] = result["acc"]  # the key of earlier featkd versions
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{args.split}_acc {result['accuracy']:.2f}  {args.split}_loss {result['loss']:.4f}  "
-              f"(n={total}, {cfg.student.model} on {cfg.data.dataset}, {path})")
+        print(json.dumps(report))
+        return 0
+    metrics = "  ".join(f"{args.split}_{k} {result[k]:.{4 if k == 'loss' else 2}f}" for k in run.task.logged_metrics)
+    count = result.get("samples", result.get("pixels"))
+    print(f"{metrics}  (n={count}, {cfg.student.model} on {cfg.data.dataset}, {path})")
+    if "iou_per_class" in result:
+        names = result["class_names"] or [str(i) for i in range(len(result["iou_per_class"]))]
+        width = max(len(n) for n in names)
+        print(f"{'class':<{width}}  IoU")
+        for name, iou in zip(names, result["iou_per_class"], strict=True):
+            print(f"{name:<{width}}  {'  n/a' if iou is None else f'{iou:5.2f}'}")
     return 0

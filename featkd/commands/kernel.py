@@ -61,20 +61,17 @@ def _student_path(arg: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
     import torch
 
-    from featkd.config import from_dict, load_config
-    from featkd.data import build_data
+    from featkd.config import load_config
     from featkd.engine import checkpoint as ckpt
-    from featkd.engine.distributed import select_device
-    from featkd.engine.trainer import build_model
+    from featkd.engine.build import build_run
     from featkd.errors import ConfigError, FeatkdError
-    from featkd.features import CapturingModel
-    from featkd.methods.base import BuildContext, DistInfo, RunContext
-    from featkd.methods.kda import KDA, KDAConfig, kda_loss
+    from featkd.methods.kda import KDA, kda_loss
     from featkd.methods.kda_landmarks import kernel_diagnostics
 
     if args.n < 2:
@@ -97,29 +94,20 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise FeatkdError("the plot needs matplotlib (pip install matplotlib), or pass --no-plot") from None
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, f"train.device={args.device}", f"train.seed={args.seed}"]
+    cfg = load_config(args.config, overrides)
     if cfg.teacher is None or not cfg.teacher.checkpoint:
         raise ConfigError("teacher: the kernel diagnostics need a trained teacher (teacher.checkpoint)")
-    options = (from_dict(KDAConfig, cfg.method_options(), "method") if cfg.method_name == "kda"
-               else KDAConfig())
-    device = select_device(args.device)
-    torch.manual_seed(args.seed)
-    data = build_data(cfg.data)
-    teacher = build_model(cfg.teacher, data, "teacher").to(device).eval()
-    student = build_model(cfg.student, data, "student").to(device).eval()
+    if cfg.method_name != "kda":  # KDA's defaults for the landmarks and the kernel
+        cfg = dataclasses.replace(cfg, method={"name": "kda"})
     student_path = _student_path(args.student_checkpoint) if args.student_checkpoint else None
-    if student_path is not None:
-        ckpt.load_model_weights(student, student_path, what="--student-checkpoint")
-    elif not cfg.student.checkpoint:
+    if student_path is None and not cfg.student.checkpoint:
         print("note: no --student-checkpoint and no student.checkpoint: using an untrained student")
-    build = BuildContext(teacher, student, data.input_shape, data.num_classes, device)
-    distiller = KDA(options, build).to(device)
-    example = torch.zeros(2, *data.input_shape, device=device)
-    ctx = RunContext(teacher=teacher, student=student,
-                     teacher_capture=CapturingModel(teacher, distiller.teacher_points, example),
-                     student_capture=CapturingModel(student, distiller.student_points, example),
-                     data=data, device=device, dist=DistInfo(), epochs=0, steps_per_epoch=0,
-                     eval_batch_size=cfg.data.eval_batch_size, seed=args.seed, log=print)
+    run = build_run(cfg, student_checkpoint=student_path)
+    distiller, data, device, options = run.distiller, run.data, run.device, run.options
+    assert isinstance(distiller, KDA)
+    run.student.eval()
+    ctx = run.context()
 
     loader = data.train_eval_loader(cfg.data.eval_batch_size, device=device, limit=args.n, seed=args.seed)
     feats_t, feats_s, labels = [], [], []

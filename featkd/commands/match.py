@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featkd.config import load_config
+    from featkd.engine.build import build_run
     from featkd.engine.distributed import shutdown_distributed
-    from featkd.engine.trainer import Trainer
     from featkd.errors import FeatkdError
     from featkd.methods.mgd import MatchingGuidedDistiller
     from featkd.methods.mgd_report import _pyplot, write_report
@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         _pyplot()  # fail before the (long) statistics pass if matplotlib is missing
     main = os.environ.get("RANK", "0") == "0"
-    trainer = Trainer(cfg, out_dir=None, log=print if main else (lambda _m: None))
-    distiller = trainer.distiller
+    run = build_run(cfg, log=print if main else (lambda _m: None))
+    distiller = run.distiller
     assert isinstance(distiller, MatchingGuidedDistiller)
-    ctx = trainer.context()
-    distiller.refresh_bn_margins(trainer.teacher)
+    ctx = run.context()
+    distiller.refresh_bn_margins(run.teacher)
     rows = distiller.update_matching(ctx)
     if main:
         paths = write_report(out, distiller, plots=not args.no_plots)

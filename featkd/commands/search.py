@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featkd.config import load_config
-    from featkd.engine.trainer import Trainer
+    from featkd.engine.build import build_run
     from featkd.errors import FeatkdError
     from featkd.methods.dfa import ALPHA_JSON, DFA, write_alpha_outputs
 
@@ -54,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
         raise FeatkdError(f"{out / ALPHA_JSON} already exists; choose another --out")
     main = os.environ.get("RANK", "0") == "0"
     log = print if main else (lambda _msg: None)
-    trainer = Trainer(cfg, out_dir=None, log=log)  # builds and validates everything; writes nothing
-    distiller = trainer.distiller
+    run = build_run(cfg, log=log)  # builds and validates everything; writes nothing
+    distiller = run.distiller
     assert isinstance(distiller, DFA)
-    ctx = trainer.context()
+    ctx = run.context()
     result = distiller.search(ctx)
-    alphas = [a.to(trainer.device) for a in result.alphas]
+    alphas = [a.to(run.device) for a in result.alphas]
     for a in alphas:  # as in training: every rank searched, rank 0's alpha is the result
         ctx.dist.broadcast(a, src=0)
     if main:

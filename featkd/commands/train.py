@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         with open(out / "command.txt", "a") as f:
             f.write(" ".join([launcher, *map(shlex.quote, sys.argv[1:])]) + "\n")
     result = trainer.fit()
-    if result.test_acc is not None and os.environ.get("RANK", "0") == "0":
-        print(f"done: test_acc {result.test_acc:.2f} after {result.epochs} epochs "
+    if result.test_metric is not None and os.environ.get("RANK", "0") == "0":
+        print(f"done: test_{result.metric} {result.test_metric:.2f} after {result.epochs} epochs "
               f"({result.train_seconds:.1f}s); outputs in {out}")
     return 0

@@ -1,6 +1,7 @@
 """The method-agnostic trainer: one CPU, one GPU, or many processes under ``torchrun`` (DDP).
 
-It builds data, teacher, student and the configured :class:`~featkd.methods.base.Distiller`, then runs::
+It takes a run assembled by :func:`~featkd.engine.build.build_run` (data, task, teacher, student, the
+configured :class:`~featkd.methods.base.Distiller`, captures), adds loader, optimiser and schedule, then runs::
 
     for epoch:  distiller.on_epoch_start
         for batch:  teacher forward (frozen, no_grad) -> student forward (captures) -> distiller losses
@@ -8,7 +9,8 @@ It builds data, teacher, student and the configured :class:`~featkd.methods.base
                     -> distiller.on_step_end
         distiller.on_epoch_end -> evaluate -> checkpoint (last/best, atomic) -> metrics
 
-There is no method-specific branch here: everything a method needs goes through the distiller's hooks.
+There is no method- or task-specific branch here: a method's needs go through the distiller's hooks, a
+task's (logits of an output, training metric, evaluation) through :class:`~featkd.tasks.Task`.
 Under DDP the *student and the distiller* are wrapped together, so the distiller's own parameters
 (connectors, norms) are synchronised like the student's; the teacher runs outside DDP.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,22 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from featkd.config import ExperimentConfig, dump_yaml, from_dict
-from featkd.data import DataBundle, build_data
+from featkd.config import ExperimentConfig, dump_yaml
 from featkd.engine import checkpoint as ckpt
-from featkd.engine.distributed import gather_objects, init_distributed
+from featkd.engine.build import build_run
+from featkd.engine.distributed import gather_objects
 from featkd.engine.logging import MetricsWriter, format_epoch, progress, write_json
 from featkd.engine.schedule import lr_factor
 from featkd.errors import ConfigError, DivergenceError, FeatkdError
 from featkd.features import CapturingModel
-from featkd.methods import METHODS
-from featkd.methods.base import Batch, BuildContext, Distiller, RunContext
-from featkd.models import create_model
-from featkd.zoo import resolve_weights
+from featkd.methods.base import Batch, Distiller, RunContext
 
 #: config keys that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {
@@ -60,38 +57,53 @@ class TrainStep(nn.Module):
     def forward(
         self, x: Tensor, y: Tensor, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int
     ) -> tuple[dict[str, Tensor], Tensor]:
-        s_logits, s_feats = self.student(x)
-        batch = Batch(x, y, s_logits, s_feats, t_logits, t_feats, epoch, step)
+        s_out, s_feats = self.student(x)
+        s_logits = self.distiller.task.logits(s_out)
+        batch = Batch(inputs=x, targets=y, student_logits=s_logits, student_features=s_feats,
+                      teacher_logits=t_logits, teacher_features=t_feats, epoch=epoch, step=step)
         return self.distiller(batch), s_logits
 
 
 @dataclass
 class RunResult:
-    """What a finished run reports (also written to ``summary.json``)."""
+    """What a finished run reports (also written to ``summary.json``).
+
+    ``metric`` is the task's headline metric (``acc`` for classification, ``miou`` for segmentation);
+    ``test_metric`` its final test value, ``best_metric`` the best monitored one (validation if held out).
+    """
 
     status: str
     epochs: int
-    test_acc: float | None
-    best_acc: float | None
-    teacher_test_acc: float | None
+    metric: str
+    test_metric: float | None
+    best_metric: float | None
+    teacher_test_metric: float | None
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
 
+    def _if_acc(self, value: float | None) -> float | None:
+        return value if self.metric == "acc" else None
+
+    @property
+    def test_acc(self) -> float | None:
+        return self._if_acc(self.test_metric)
+
+    @property
+    def best_acc(self) -> float | None:
+        return self._if_acc(self.best_metric)
+
+    @property
+    def teacher_test_acc(self) -> float | None:
+        return self._if_acc(self.teacher_test_metric)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.status, "epochs": self.epochs, "test_acc": self.test_acc, "best_acc": self.best_acc,
-            "teacher_test_acc": self.teacher_test_acc, "train_seconds": self.train_seconds,
-        }
-
-
-def build_model(spec, data: DataBundle, role: str) -> nn.Module:
-    """Create a registry model sized for ``data`` and load its checkpoint if one is given."""
-    model = create_model(spec.model, num_classes=data.num_classes, in_channels=data.input_shape[0],
-                         **spec.options)
-    if spec.checkpoint:
-        ckpt.load_model_weights(model, resolve_weights(spec.checkpoint), what=f"{role}.checkpoint")
-    return model
+        out = {"status": self.status, "epochs": self.epochs, "metric": self.metric,
+               "test_metric": self.test_metric, "best_metric": self.best_metric,
+               "teacher_test_metric": self.teacher_test_metric, "train_seconds": self.train_seconds}
+        if self.metric == "acc":  # the classification keys every earlier summary.json has
+            out.update(test_acc=self.test_acc, best_acc=self.best_acc, teacher_test_acc=self.teacher_test_acc)
+        return out
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -120,47 +132,15 @@ class Trainer:
                  log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         tc = cfg.train
-        self.dist, self.device = init_distributed(tc.device)
-        self.log = log if self.dist.is_main else (lambda _msg: None)
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
-        if tc.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        else:
-            torch.backends.cudnn.benchmark = self.device.type == "cuda"
-        self.amp = tc.amp == "bf16" or (tc.amp == "auto" and self.device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported())
-        ckpt.seed_everything(tc.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
-
         # ---- everything that can fail on bad input happens before anything is written -------------------
         self.out_dir = Path(out_dir) if out_dir is not None else None
         resume_state = self._check_out_dir(resume)
-        self.data = build_data(cfg.data)
-        method_cls = METHODS.get(cfg.method_name)
-        options = from_dict(method_cls.Config, cfg.method_options(), "method")
-        self.teacher = None
-        if method_cls.needs_teacher:
-            if cfg.teacher is None:
-                raise ConfigError(f"teacher: method {cfg.method_name!r} needs a teacher section")
-            if not cfg.teacher.checkpoint:
-                self.log("warning: teacher.checkpoint is empty: distilling from an untrained teacher")
-            self.teacher = build_model(cfg.teacher, self.data, "teacher").to(self.device).eval()
-            self.teacher.requires_grad_(False)
-        self.student = build_model(cfg.student, self.data, "student").to(self.device)
-        if tc.sync_batchnorm and self.dist.enabled:
-            if self.device.type != "cuda":
-                self.log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
-            else:
-                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        build_ctx = BuildContext(self.teacher, self.student, self.data.input_shape, self.data.num_classes,
-                                 self.device)
-        self.distiller = method_cls(options, build_ctx).to(self.device)
-        example = torch.zeros(2, *self.data.input_shape, device=self.device)
-        self.student_capture = CapturingModel(self.student, self.distiller.student_points, example)
-        self.teacher_capture = (CapturingModel(self.teacher, self.distiller.teacher_points, example)
-                                if self.teacher is not None else None)
+        self.run = run = build_run(cfg, log)
+        self.log = run.log
+        self.dist, self.device, self.amp, self.data, self.task = run.dist, run.device, run.amp, run.data, run.task
+        self.teacher, self.student, self.distiller = run.teacher, run.student, run.distiller
+        self.teacher_capture, self.student_capture = run.teacher_capture, run.student_capture
+        method_cls = run.method_cls
 
         self.train_loader = self.data.train_loader(
             cfg.data.batch_size, seed=tc.seed, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -171,6 +151,10 @@ class Trainer:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the training split "
                               f"({self.data.train_size} samples); no full batch to train on")
         self.module: nn.Module = TrainStep(self.student_capture, self.distiller)
+        if tc.compile:
+            self.module = torch.compile(self.module)
+            if self.teacher_capture is not None:
+                self.teacher_capture = torch.compile(self.teacher_capture)
         if self.dist.enabled:
             if method_cls.rank_local_buffers:
                 names = [f"distiller.{b}" for b in method_cls.rank_local_buffers]
@@ -242,41 +226,14 @@ class Trainer:
         self.log(f"resumed from {self.out_dir / 'last.pt'} after epoch {self.start_epoch}")
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return self.run.autocast()
 
     def context(self) -> RunContext:
-        return RunContext(
-            teacher=self.teacher, student=self.student, teacher_capture=self.teacher_capture,
-            student_capture=self.student_capture, data=self.data, device=self.device, dist=self.dist,
-            epochs=self.cfg.train.epochs, steps_per_epoch=self.steps_per_epoch, resumed=self.resumed,
-            out_dir=self.out_dir if self.dist.is_main else None, autocast=self.autocast, log=self.log,
-            eval_batch_size=self.cfg.data.eval_batch_size, seed=self.cfg.train.seed,
-        )
+        return self.run.context(steps_per_epoch=self.steps_per_epoch, resumed=self.resumed, out_dir=self.out_dir)
 
-    # ---- evaluation ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "test") -> tuple[float, float]:
-        """(accuracy in %, mean cross-entropy) of ``model`` on a split, summed over all ranks."""
-        make = self.data.test_loader if split == "test" else self.data.val_loader
-        loader = make(self.cfg.data.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                      device=self.device)
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # correct, loss sum, count
-        try:
-            for x, y in loader:
-                with self.autocast():
-                    logits = model(x)
-                sums[0] += (logits.argmax(1) == y).sum()
-                sums[1] += F.cross_entropy(logits.float(), y, reduction="sum")
-                sums[2] += y.numel()
-        finally:
-            model.train(was_training)
-        self.dist.all_reduce_sum(sums)
-        n = max(1.0, sums[2].item())
-        return 100.0 * sums[0].item() / n, sums[1].item() / n
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, Any]:
+        """The task's metrics of ``model`` on a split, summed over all ranks (see :meth:`Run.evaluate`)."""
+        return self.run.evaluate(model, split)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -284,9 +241,10 @@ class Trainer:
         cfg, tc = self.cfg, self.cfg.train
         ctx = self.context()
         teacher_acc = None
+        metric = self.task.metric
         if self.teacher is not None and tc.epochs > self.start_epoch:
-            teacher_acc, _ = self.evaluate(self.teacher)
-            self.log(f"teacher {cfg.teacher.model}: test_acc {teacher_acc:.2f}")
+            teacher_acc = self.evaluate(self.teacher)[metric]
+            self.log(f"teacher {cfg.teacher.model}: test_{metric} {teacher_acc:.2f}")
         self.distiller.setup(ctx)
         self.log(f"{self.data.describe()} | student {cfg.student.model} | method {cfg.method_name} | "
                  f"{self.dist.world_size} process(es) on {self.device}{' bf16' if self.amp else ''}")
@@ -320,7 +278,7 @@ class Trainer:
         self.student.train()
         sums: dict[str, Tensor] = {}
         correct = torch.zeros((), device=self.device)
-        seen = 0
+        seen: Tensor | int = 0
         batches = progress(self.train_loader, len(self.train_loader), f"epoch {epoch + 1}/{tc.epochs}",
                            tc.progress, self.dist.is_main)
         for x, y in batches:
@@ -328,8 +286,9 @@ class Trainer:
             self.distiller.on_step_end(self.global_step - 1, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            correct += (s_logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
+            hits, counted = self.task.train_counts(s_logits, y)
+            correct += hits
+            seen += counted
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
         self.history.append(record)
@@ -343,10 +302,12 @@ class Trainer:
         """
         step = self.global_step
         with self.autocast():
+            x = self.run.prepare_input(x)
             t_logits, t_feats = None, {}
             if self.teacher_capture is not None:
                 with torch.no_grad():
-                    t_logits, t_feats = self.teacher_capture(x)
+                    t_out, t_feats = self.teacher_capture(x)
+                    t_logits = self.task.logits(t_out)
             losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step)
         total = sum(losses.values())
         self._check_finite(total, losses, epoch, step)
@@ -375,11 +336,11 @@ class Trainer:
                               f"{'nan' if math.isnan(value.item()) else 'inf'} at {where}{kept}; "
                               "lower optim.lr or the method's weights, or set optim.grad_clip")
 
-    def _epoch_record(self, epoch: int, sums: dict[str, Tensor], correct: Tensor, seen: int,
+    def _epoch_record(self, epoch: int, sums: dict[str, Tensor], correct: Tensor, seen: Tensor | int,
                       seconds: float) -> dict[str, Any]:
         keys = sorted(sums)
         stats = torch.stack([*(sums[k] for k in keys), correct.float(),
-                             torch.tensor(float(seen), device=self.device)]).double()
+                             torch.as_tensor(seen, dtype=torch.float32, device=self.device)]).double()
         self.dist.all_reduce_sum(stats)
         steps = self.steps_per_epoch * self.dist.world_size
         record: dict[str, Any] = {"epoch": epoch + 1, "step": self.global_step,
@@ -387,12 +348,12 @@ class Trainer:
         terms = {f"train_{k}": stats[i].item() / steps for i, k in enumerate(keys)}
         record["train_loss"] = sum(terms.values())
         record.update(terms)
-        record["train_acc"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
+        record[f"train_{self.task.train_metric}"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
         tc = self.cfg.train
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 in (tc.epochs, tc.stop_after):
-            if self.data.val_size:
-                record["val_acc"], record["val_loss"] = self.evaluate(self.student_capture.model, "val")
-            record["test_acc"], record["test_loss"] = self.evaluate(self.student_capture.model, "test")
+            for split in ("val", "test") if self.data.val_size else ("test",):
+                result = self.evaluate(self.student_capture.model, split)
+                record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
         record.update(self.distiller.metrics())
         record["epoch_time"] = seconds
         record["train_images_per_s"] = stats[-1].item() / max(seconds, 1e-9)
@@ -402,7 +363,8 @@ class Trainer:
         rng = gather_objects(ckpt.rng_state(), self.dist)  # collective: every rank takes part
         if self.out_dir is None or not self.dist.is_main:
             return
-        monitor = record.get("val_acc", record.get("test_acc"))
+        metric = self.task.metric
+        monitor = record.get(f"val_{metric}", record.get(f"test_{metric}"))
         improved = monitor is not None and (self.best is None or monitor > self.best)
         if improved:
             self.best = monitor
@@ -421,8 +383,10 @@ class Trainer:
     def _write_summary(self, status: str, teacher_acc: float | None, seconds: float,
                        message: str = "") -> RunResult:
         last = self.history[-1] if self.history else {}
-        result = RunResult(status=status, epochs=len(self.history), test_acc=last.get("test_acc"),
-                           best_acc=self.best, teacher_test_acc=teacher_acc, train_seconds=seconds,
+        metric = self.task.metric
+        result = RunResult(status=status, epochs=len(self.history), metric=metric,
+                           test_metric=last.get(f"test_{metric}"), best_metric=self.best,
+                           teacher_test_metric=teacher_acc, train_seconds=seconds,
                            history=self.history, out_dir=self.out_dir)
         if self.out_dir is not None and self.dist.is_main:
             summary = {**result.to_dict(), "method": self.cfg.method_name, "student": self.cfg.student.model,

@@ -7,6 +7,10 @@ One training step, as the trainer runs it (the trainer knows nothing about any p
     losses = distiller(Batch(x, y, student_logits, ...))   # {"ce": ..., "kd": ..., "mgd": ...}, weighted
     sum(losses.values()).backward(); optimizer.step()      # student + distiller parameters
 
+The task (``featkd/tasks/``) supplies the task term ``"ce"`` (cross-entropy over classes or pixels) and
+the logit-level KD term ``"kd"``; the method adds its own terms in :meth:`Distiller.loss`. Logits are the
+task's view of the model output (``task.logits``), so a method sees (B, K) or (B, K, H, W) tensors.
+
 Around it the trainer calls the life-cycle hooks: :meth:`Distiller.setup` once before training (after a
 resumed state is loaded), :meth:`on_epoch_start`, :meth:`on_step_end` after every optimiser step and
 :meth:`on_epoch_end`, each with a :class:`RunContext` (models, the eval-view loader of the training split,
@@ -24,11 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featkd.errors import FeatkdError
 from featkd.features import CapturingModel
+from featkd.tasks import ClassificationTask, Task
+from featkd.tasks.classification import hinton_kd_loss  # noqa: F401  (public here since 0.1)
 
 if TYPE_CHECKING:
     from featkd.data import DataBundle, Loader
@@ -51,8 +56,9 @@ class DistillerConfig:
 class Batch:
     """One training batch with both networks' outputs.
 
-    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,); logits (B, num_classes); features as captured
-    (e.g. (B, C_i, H_i, W_i)). ``teacher_logits`` is None when the method needs no teacher.
+    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,) class ids or (B, H, W) masks; logits (B, K) or
+    (B, K, H, W) (the task's view of the output); features as captured (e.g. (B, C_i, H_i, W_i)).
+    ``teacher_logits`` is None when the method needs no teacher.
     """
 
     inputs: Tensor
@@ -106,6 +112,7 @@ class BuildContext:
     input_shape: tuple[int, int, int]
     num_classes: int
     device: torch.device
+    task: Task | None = None  # None: classification (methods built by hand in tests and scripts)
 
     def feature_shapes(self, role: str, points: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         """Per-example shapes of capture ``points`` of the ``"teacher"`` or ``"student"`` network."""
@@ -163,17 +170,6 @@ class RunContext:
             self.student.train(was_training)
 
 
-def hinton_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch (Hinton et al. 2015).
-
-    Shapes: logits (B, K) -> scalar. Computed in float32 for stability under autocast.
-    """
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
-
-
 class Distiller(nn.Module):
     """Base class of every method: one file per method under ``featkd/methods/``.
 
@@ -188,10 +184,14 @@ class Distiller(nn.Module):
     #: buffers that legitimately differ between DDP ranks (e.g. per-rank running sums that the method
     #: all-reduces itself); DDP must not overwrite them with rank 0's copy.
     rank_local_buffers: ClassVar[tuple[str, ...]] = ()
+    #: the tasks the method is defined for (None: any), and why, for the error on another task
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    task_reason: ClassVar[str] = ""
 
     def __init__(self, cfg: DistillerConfig, ctx: BuildContext) -> None:
         super().__init__()
         self.cfg = cfg
+        self.task: Task = ctx.task if ctx.task is not None else ClassificationTask(ctx.num_classes)
         self.teacher_points: tuple[str, ...] = ()
         self.student_points: tuple[str, ...] = ()
 
@@ -199,11 +199,11 @@ class Distiller(nn.Module):
         """Named, already weighted loss terms; the trainer minimises their sum."""
         losses: dict[str, Tensor] = {}
         if self.cfg.ce_weight:
-            losses["ce"] = self.cfg.ce_weight * F.cross_entropy(batch.student_logits.float(), batch.targets)
+            losses["ce"] = self.cfg.ce_weight * self.task.loss(batch.student_logits, batch.targets)
         if self.cfg.kd_weight:
             if batch.teacher_logits is None:
                 raise FeatkdError("kd_weight > 0 needs a teacher")
-            losses["kd"] = self.cfg.kd_weight * hinton_kd_loss(
+            losses["kd"] = self.cfg.kd_weight * self.task.kd_loss(
                 batch.student_logits, batch.teacher_logits, self.cfg.kd_temperature
             )
         losses.update(self.loss(batch))

@@ -1,0 +1,192 @@
+"""One place where a run is assembled: :func:`build_run` turns a validated config into a :class:`Run`.
+
+``featkd train`` (through :class:`~featkd.engine.trainer.Trainer`), ``eval``, ``match``, ``search``,
+``kernel``, ``bench`` and the benchmarks all call it, so the data, the task, both models, the typed method
+options, the distiller and the captures are built (and checked) the same way everywhere. Everything that
+can fail on bad input fails here, before anything is written. The order of construction is fixed (data,
+teacher, student, distiller), because each draws from the seeded RNG: the same config gives the same
+initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from featkd.config import ExperimentConfig, ModelConfig, from_dict
+from featkd.data import DataBundle, build_data
+from featkd.engine import checkpoint as ckpt
+from featkd.engine.distributed import init_distributed
+from featkd.errors import ConfigError, FeatkdError
+from featkd.features import CapturingModel
+from featkd.methods import METHODS
+from featkd.methods.base import BuildContext, Distiller, DistillerConfig, DistInfo, RunContext
+from featkd.models import create_model
+from featkd.tasks import Task, task_for
+from featkd.zoo import resolve_weights
+
+
+@dataclass
+class Run:
+    """A built run: everything a step, an evaluation or a method's tool needs. Models are on ``device``."""
+
+    cfg: ExperimentConfig
+    dist: DistInfo
+    device: torch.device
+    amp: bool
+    data: DataBundle
+    task: Task
+    method_cls: type[Distiller]
+    options: DistillerConfig  # the method's typed options, parsed once
+    teacher: nn.Module | None
+    student: nn.Module
+    distiller: Distiller
+    teacher_capture: CapturingModel | None
+    student_capture: CapturingModel
+    log: Callable[[str], None] = print
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the run uses it (``train.amp``), else nothing."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """A batch as the models expect it (channels-last when ``train.channels_last``)."""
+        if self.cfg.train.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def context(self, *, steps_per_epoch: int = 0, resumed: bool = False,
+                out_dir: Path | None = None) -> RunContext:
+        """The :class:`RunContext` handed to the distiller's life-cycle hooks."""
+        return RunContext(
+            teacher=self.teacher, student=self.student, teacher_capture=self.teacher_capture,
+            student_capture=self.student_capture, data=self.data, device=self.device, dist=self.dist,
+            epochs=self.cfg.train.epochs, steps_per_epoch=steps_per_epoch, resumed=resumed,
+            out_dir=out_dir if self.dist.is_main else None, autocast=self.autocast, log=self.log,
+            eval_batch_size=self.cfg.data.eval_batch_size, seed=self.cfg.train.seed,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, Any]:
+        """The task's metrics of ``model`` on ``split`` (test | val | train: the eval view), summed over ranks.
+
+        Raises :class:`FeatkdError` for ``val`` when the config holds out no validation split.
+        """
+        kw = {"rank": self.dist.rank, "world_size": self.dist.world_size, "device": self.device}
+        bs = self.cfg.data.eval_batch_size
+        loader = {"test": self.data.test_loader, "val": self.data.val_loader,
+                  "train": self.data.train_eval_loader}[split](bs, **kw)
+        if loader is None:
+            raise FeatkdError("split val: this config has no validation split (data.val_fraction is 0)")
+        evaluator = self.task.evaluator(self.device)
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y in loader:
+                with self.autocast():
+                    output = model(self.prepare_input(x))
+                evaluator.update(self.task.logits(output), y)
+        finally:
+            model.train(was_training)
+        self.dist.all_reduce_sum(evaluator.state)
+        return evaluator.result()
+
+
+def build_model(spec: ModelConfig, data: DataBundle, role: str) -> nn.Module:
+    """Create a registry model sized for ``data`` and load its checkpoint if one is given."""
+    model = create_model(spec.model, num_classes=data.num_classes, in_channels=data.input_shape[0],
+                         **spec.options)
+    if spec.checkpoint:
+        ckpt.load_model_weights(model, resolve_weights(spec.checkpoint), what=f"{role}.checkpoint")
+    return model
+
+
+@torch.no_grad()
+def probe_output(model: nn.Module, example: Tensor) -> Any:
+    """The raw output of ``model`` on ``example`` in eval mode (train/eval mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(example)
+    finally:
+        model.train(was_training)
+
+
+def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> None:
+    if method_cls.tasks is not None and task.name not in method_cls.tasks:
+        usable = sorted(m for m in METHODS if METHODS.get(m).tasks is None or task.name in METHODS.get(m).tasks)
+        raise ConfigError(f"method.name: {name!r} is defined for {', '.join(method_cls.tasks)} only "
+                          f"({method_cls.task_reason}); for {task.name} use one of: {', '.join(usable)}")
+
+
+def configure_process(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """Threads, determinism and cuDNN settings of this process; returns whether bf16 autocast is on."""
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    return tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
+              student_checkpoint: str | Path | None = None) -> Run:
+    """Assemble ``cfg`` (see the module docstring). Under ``torchrun`` this joins the process group.
+
+    ``student_checkpoint`` replaces ``cfg.student.checkpoint`` (tools that evaluate a trained student).
+    """
+    tc = cfg.train
+    dist, device = init_distributed(tc.device)
+    log = log if dist.is_main else (lambda _msg: None)
+    amp = configure_process(cfg, device)
+    ckpt.seed_everything(tc.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
+
+    data = build_data(cfg.data)
+    task = task_for(data)
+    method_cls = METHODS.get(cfg.method_name)
+    options = from_dict(method_cls.Config, cfg.method_options(), "method")
+    _check_method_task(method_cls, cfg.method_name, task)
+    example = torch.zeros(2, *data.input_shape, device=device)
+    teacher = None
+    if method_cls.needs_teacher:
+        if cfg.teacher is None:
+            raise ConfigError(f"teacher: method {cfg.method_name!r} needs a teacher section")
+        if not cfg.teacher.checkpoint:
+            log("warning: teacher.checkpoint is empty: distilling from an untrained teacher")
+        teacher = build_model(cfg.teacher, data, "teacher").to(device).eval()
+        teacher.requires_grad_(False)
+        task.check_output(probe_output(teacher, example), "teacher", cfg.teacher.model, data.name)
+    student_spec = cfg.student if student_checkpoint is None else replace(cfg.student,
+                                                                          checkpoint=str(student_checkpoint))
+    student = build_model(student_spec, data, "student").to(device)
+    task.check_output(probe_output(student, example), "student", cfg.student.model, data.name)
+    if tc.sync_batchnorm and dist.enabled:
+        if device.type != "cuda":
+            log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
+        else:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if tc.channels_last:
+        for model in (teacher, student):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    build_ctx = BuildContext(teacher, student, data.input_shape, data.num_classes, device, task)
+    distiller = method_cls(options, build_ctx).to(device)
+    student_capture = CapturingModel(student, distiller.student_points, example)
+    teacher_capture = (CapturingModel(teacher, distiller.teacher_points, example)
+                       if teacher is not None else None)
+    return Run(cfg=cfg, dist=dist, device=device, amp=amp, data=data, task=task, method_cls=method_cls,
+               options=options, teacher=teacher, student=student, distiller=distiller,
+               teacher_capture=teacher_capture, student_capture=student_capture, log=log)
