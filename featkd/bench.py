@@ -13,7 +13,8 @@ A protocol is a YAML file in ``benchmarks/protocols/`` (see ``benchmarks/README.
 
 Every cell is an ordinary ``featkd train CONFIG --seed S --out RUNS/<label>/seed<S>`` process. A cell whose
 ``summary.json`` says ``finished`` is not run again; a cell with a ``last.pt`` is resumed. Results:
-``benchmarks/results/<protocol>.json`` (one row per method: ``method``, ``seeds``, ``acc_mean``, ``acc_se``,
+``benchmarks/results/<protocol>.json`` (one row per method: ``method``, ``seeds``, ``metric`` (the task's:
+``acc``, ``miou``), ``<metric>_mean``, ``<metric>_se``,
 ``delta_vs_ce``, ``delta_se``, ``train_s``, ...), a Markdown table next to it, and plots when matplotlib is
 installed. Accuracy is each run's final-epoch test accuracy (never the best epoch: that would select on the
 test set); s.e. = sample standard deviation / sqrt(seeds).
@@ -161,15 +162,24 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
-def _epoch_acc(out: Path, epoch: int) -> float | None:
+METRIC_LABELS = {"acc": "test acc", "miou": "test mIoU"}
+
+
+def _epoch_metric(out: Path, epoch: int, metric: str) -> float | None:
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
         return None
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("epoch") == epoch and "test_acc" in rec:
-            return rec["test_acc"]
+        if rec.get("epoch") == epoch and f"test_{metric}" in rec:
+            return rec[f"test_{metric}"]
     return None
+
+
+def _summary_metric(summary: dict[str, Any]) -> tuple[str, float]:
+    """(metric name, final test value) of a run's summary.json (older summaries have test_acc only)."""
+    metric = summary.get("metric", "acc")
+    return metric, summary.get("test_metric", summary.get(f"test_{metric}"))
 
 
 def summarise(protocol: Protocol, cells: list[Cell]) -> list[dict[str, Any]]:
@@ -182,25 +192,28 @@ def summarise(protocol: Protocol, cells: list[Cell]) -> list[dict[str, Any]]:
         summaries = [json.loads(c.summary_path.read_text()) for c in group if c.finished()]
         if not summaries:
             continue
-        accs = [s["test_acc"] for s in summaries]
+        metric = _summary_metric(summaries[0])[0]
+        accs = [_summary_metric(s)[1] for s in summaries]
         mean, se = _mean_se(accs)
         row: dict[str, Any] = {
-            "method": label, "config": group[0].config, "seeds": len(accs), "accs": accs, "acc_mean": mean,
-            "acc_se": se, "train_s": statistics.fmean(s["train_seconds"] for s in summaries),
-            "teacher_test_acc": summaries[0].get("teacher_test_acc"),
+            "method": label, "config": group[0].config, "seeds": len(accs), "metric": metric, f"{metric}s": accs,
+            f"{metric}_mean": mean, f"{metric}_se": se,
+            "train_s": statistics.fmean(s["train_seconds"] for s in summaries),
+            f"teacher_test_{metric}": summaries[0].get("teacher_test_metric", summaries[0].get("teacher_test_acc")),
         }
         for mark in protocol.epoch_marks:
-            marks = [a for c in group if (a := _epoch_acc(c.out, mark)) is not None]
+            marks = [a for c in group if (a := _epoch_metric(c.out, mark, metric)) is not None]
             if marks:
-                row[f"acc_epoch{mark}_mean"], row[f"acc_epoch{mark}_se"] = _mean_se(marks)
+                row[f"{metric}_epoch{mark}_mean"], row[f"{metric}_epoch{mark}_se"] = _mean_se(marks)
         rows.append(row)
     ref = next((r for r in rows if r["method"] == protocol.reference), None)
     for r in rows:
         if ref is None:
             r["delta_vs_ce"] = r["delta_se"] = None
         else:
-            r["delta_vs_ce"] = r["acc_mean"] - ref["acc_mean"]
-            r["delta_se"] = math.sqrt(r["acc_se"] ** 2 + ref["acc_se"] ** 2) if r is not ref else 0.0
+            m = r["metric"]
+            r["delta_vs_ce"] = r[f"{m}_mean"] - ref[f"{m}_mean"]
+            r["delta_se"] = math.sqrt(r[f"{m}_se"] ** 2 + ref[f"{m}_se"] ** 2) if r is not ref else 0.0
     return rows
 
 
@@ -235,15 +248,18 @@ def _fmt(mean: float | None, se: float | None, sign: bool = False) -> str:
 
 
 def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    marks = [m for m in protocol.epoch_marks if any(f"acc_epoch{m}_mean" in r for r in rows)]
-    head = ["method", "seeds", "test acc (mean ± s.e.)", f"Δ vs {protocol.reference} (± s.e.)"]
-    head += [f"acc after epoch {m}" for m in marks] + ["train time / run", f"step time / {protocol.timing_reference}"]
+    metric = rows[0]["metric"] if rows else "acc"
+    marks = [m for m in protocol.epoch_marks if any(f"{metric}_epoch{m}_mean" in r for r in rows)]
+    head = ["method", "seeds", f"{METRIC_LABELS.get(metric, metric)} (mean ± s.e.)",
+            f"Δ vs {protocol.reference} (± s.e.)"]
+    head += [f"{metric} after epoch {m}" for m in marks]
+    head += ["train time / run", f"step time / {protocol.timing_reference}"]
     lines = [f"## {protocol.name}", "", protocol.description.strip(), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["seeds"]), _fmt(r["acc_mean"], r["acc_se"]),
+        cells = [r["method"], str(r["seeds"]), _fmt(r[f"{metric}_mean"], r[f"{metric}_se"]),
                  _fmt(r["delta_vs_ce"], r["delta_se"], sign=True)]
-        cells += [_fmt(r.get(f"acc_epoch{m}_mean"), r.get(f"acc_epoch{m}_se")) for m in marks]
+        cells += [_fmt(r.get(f"{metric}_epoch{m}_mean"), r.get(f"{metric}_epoch{m}_se")) for m in marks]
         ratio = r.get("step_time_ratio")
         cells += [f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -262,12 +278,14 @@ def plot(protocol: Protocol, rows: list[dict[str, Any]], cells: list[Cell], path
     except ImportError:
         return []
     written = []
+    metric = rows[0]["metric"]
+    means, ses = [r[f"{metric}_mean"] for r in rows], [r[f"{metric}_se"] for r in rows]
+    label_y = f"{METRIC_LABELS.get(metric, metric)} (%)"
     fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(rows) + 2), 3.2))
-    ax.bar([r["method"] for r in rows], [r["acc_mean"] for r in rows],
-           yerr=[0 if math.isnan(r["acc_se"]) else r["acc_se"] for r in rows], capsize=3, color="#4C72B0")
-    lo = min(r["acc_mean"] for r in rows)
-    ax.set_ylim(max(0.0, lo - 3), min(100.0, max(r["acc_mean"] for r in rows) + 1.5))
-    ax.set_ylabel("test accuracy (%)")
+    ax.bar([r["method"] for r in rows], means, yerr=[0 if math.isnan(e) else e for e in ses], capsize=3,
+           color="#4C72B0")
+    ax.set_ylim(max(0.0, min(means) - 3), min(100.0, max(means) + 1.5))
+    ax.set_ylabel(label_y)
     ax.set_title(f"{protocol.name}: mean ± s.e. over seeds")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
@@ -282,13 +300,13 @@ def plot(protocol: Protocol, rows: list[dict[str, Any]], cells: list[Cell], path
                 continue
             for line in (c.out / "metrics.jsonl").read_text().splitlines():
                 rec = json.loads(line)
-                if "test_acc" in rec:
-                    curves.setdefault(rec["epoch"], []).append(rec["test_acc"])
+                if f"test_{metric}" in rec:
+                    curves.setdefault(rec["epoch"], []).append(rec[f"test_{metric}"])
         if curves:
             epochs = sorted(curves)
             ax.plot(epochs, [statistics.fmean(curves[e]) for e in epochs], marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(label_y)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(f"{path_prefix}-curves.png", dpi=120)

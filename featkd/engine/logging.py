@@ -78,13 +78,14 @@ def progress(iterable: Iterable, total: int, desc: str, mode: str | bool, enable
     return iter(iterable)
 
 
-def format_epoch(rec: dict[str, Any], epochs: int) -> str:
-    """One console line for an epoch record."""
-    terms = ", ".join(f"{k[6:]} {v:.4g}" for k, v in rec.items() if k.startswith("train_") and k not in
-                      ("train_loss", "train_acc", "train_images_per_s"))
+def format_epoch(rec: dict[str, Any], epochs: int, train_metric: str = "acc",
+                 eval_metrics: tuple[str, ...] = ("acc",)) -> str:
+    """One console line for an epoch record: loss terms, the task's training metric, its eval metrics."""
+    shown = ("train_loss", f"train_{train_metric}", "train_images_per_s")
+    terms = ", ".join(f"{k[6:]} {v:.4g}" for k, v in rec.items() if k.startswith("train_") and k not in shown)
     parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['train_loss']:.4f}" + (f" ({terms})" if terms else "")]
-    parts.append(f"train_acc {rec['train_acc']:.2f}")
-    for key in ("val_acc", "test_acc"):
+    parts.append(f"train_{train_metric} {rec[f'train_{train_metric}']:.2f}")
+    for key in (f"{split}_{m}" for split in ("val", "test") for m in eval_metrics):
         if key in rec:
             parts.append(f"{key} {rec[key]:.2f}")
     parts.append(f"lr {rec['lr']:.3g}")

@@ -293,7 +293,8 @@ class Trainer:
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
         self.history.append(record)
         self._checkpoint(epoch, record)
-        self.log(format_epoch(record, tc.epochs))
+        eval_metrics = tuple(m for m in self.task.logged_metrics if m != "loss")
+        self.log(format_epoch(record, tc.epochs, self.task.train_metric, eval_metrics))
 
     def train_step(self, x: Tensor, y: Tensor, epoch: int) -> tuple[dict[str, Tensor], Tensor]:
         """One optimiser step on batch ``(x, y)``: forward both nets, losses, checks, backward, update.

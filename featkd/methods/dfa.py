@@ -128,6 +128,8 @@ def fixed_alpha(kind: str, n: int, generator: torch.Generator | None = None) -> 
 @register("dfa")
 class DFA(Distiller):
     Config = DFAConfig
+    tasks = ("classification",)
+    task_reason = "its bridge loss runs the student's classifier tail"
 
     def __init__(self, cfg: DFAConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)

@@ -138,6 +138,8 @@ class KDA(Distiller):
     """
 
     Config = KDAConfig
+    tasks = ("classification",)
+    task_reason = "its landmarks are class means of per-example embeddings"
     rank_local_buffers: ClassVar[tuple[str, ...]] = ("t_sums", "s_sums", "counts")
 
     def __init__(self, cfg: KDAConfig, ctx: BuildContext) -> None:

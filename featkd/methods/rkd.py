@@ -70,6 +70,8 @@ def rkd_angle_loss(s: Tensor, t: Tensor) -> Tensor:
 @register("rkd")
 class RelationalKD(Distiller):
     Config = RKDConfig
+    tasks = ("classification",)
+    task_reason = "it relates per-example embeddings (the classifier's input by default)"
 
     def __init__(self, cfg: RKDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)

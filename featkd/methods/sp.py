@@ -44,6 +44,8 @@ def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
 @register("sp")
 class SimilarityPreserving(Distiller):
     Config = SPConfig
+    tasks = ("classification",)
+    task_reason = "it compares the batch's per-example embeddings (the classifier's input by default)"
 
     def __init__(self, cfg: SPConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
