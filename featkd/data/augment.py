@@ -6,6 +6,9 @@ The random parameters are drawn once per epoch for the WHOLE training split, fro
 on the rank, the world size, the batch size or the order of the batches, and a resumed run repeats an epoch
 exactly. Both steps work on uint8 images (before normalisation), on any device, with no Python loop over
 samples; zero padding means black pixels, as with ``torchvision.transforms.RandomCrop(padding=p)``.
+
+Segmentation masks (B, H, W) take the SAME offsets and flips as their images (:func:`crop_flip_masks`);
+their padding is the ignore index, so padded pixels carry no label.
 """
 
 from __future__ import annotations
@@ -69,17 +72,25 @@ def draw_params(n: int, spec: AugmentSpec, *, seed: int, epoch: int) -> AugmentP
     return AugmentParams(offsets, flips)
 
 
-def crop_flip(x: Tensor, offsets: Tensor | None, flips: Tensor | None, pad: int) -> Tensor:
-    """Crop each image of ``x`` (B, C, H, W) at ``offsets`` (B, 2) = (dy, dx) from its zero-padded copy, then
-    flip it horizontally where ``flips`` (B,) is true (None: no crop / no flip). The output has the shape and
-    dtype of ``x``; offset ``(pad, pad)`` without flip is the identity. Vectorised: the padded batch is viewed
-    as all its (2*pad+1)^2 windows (``unfold``, no copy) and one advanced index picks each sample's window."""
+def crop_flip(x: Tensor, offsets: Tensor | None, flips: Tensor | None, pad: int, fill: int = 0) -> Tensor:
+    """Crop each image of ``x`` (B, C, H, W) at ``offsets`` (B, 2) = (dy, dx) from its copy padded with
+    ``fill``, then flip it horizontally where ``flips`` (B,) is true (None: no crop / no flip). The output has
+    the shape and dtype of ``x``; offset ``(pad, pad)`` without flip is the identity. Vectorised: the padded
+    batch is viewed as all its (2*pad+1)^2 windows (``unfold``, no copy) and one advanced index picks each
+    sample's window."""
     b, _, h, w = x.shape
     dev = x.device
     if pad > 0 and offsets is not None:
         offsets = offsets.to(dev)
-        windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W)
+        padded = F.pad(x, (pad, pad, pad, pad), value=fill)
+        windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W)
         x = windows[torch.arange(b, device=dev), :, offsets[:, 0], offsets[:, 1]]
     if flips is None:
         return x
     return torch.where(flips.to(dev)[:, None, None, None], x.flip(3), x)
+
+
+def crop_flip_masks(masks: Tensor, offsets: Tensor | None, flips: Tensor | None, pad: int, fill: int) -> Tensor:
+    """:func:`crop_flip` for label masks (B, H, W): the same crop and flip as their images, padded with
+    ``fill`` (the ignore index)."""
+    return crop_flip(masks[:, None], offsets, flips, pad, fill)[:, 0]

@@ -10,6 +10,11 @@ Every loader follows the :class:`Loader` protocol. ``batch_size`` is always the 
 * Evaluation order (:func:`eval_shard_indices`) is fixed, unpadded: rank ``r`` takes
   ``indices[r::world_size]`` and keeps its last partial batch, so summing per-rank counts covers every sample
   exactly once. Ranks may then yield different numbers of batches: only all-reduce after the loop.
+
+Labels are class ids (B,) for classification or masks (B, H, W) for segmentation, both int64 on the device.
+In-memory masks are stored as uint8 (values ``0..num_classes-1`` or the ignore index, so at most 255
+classes) and widened per batch; train augmentation crops and flips a mask exactly like its image and pads it
+with the ignore index (:func:`featkd.data.augment.crop_flip_masks`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, draw_params, mix_seed
+from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, crop_flip_masks, draw_params, mix_seed
 from featkd.errors import FeatkdError
 
 Device = str | torch.device
@@ -29,7 +34,8 @@ Device = str | torch.device
 
 @runtime_checkable
 class Loader(Protocol):
-    """What every loader returns: ``x`` float32 normalised (B, C, H, W), ``y`` int64 (B,), on the device."""
+    """What every loader returns: ``x`` float32 normalised (B, C, H, W), ``y`` int64 (B,) class ids or
+    (B, H, W) masks, on the device."""
 
     num_samples: int  # samples this rank yields per epoch
 
@@ -107,15 +113,25 @@ class Normalizer:
 
 
 class TensorSplit:
-    """A split held in memory: uint8 images (N, C, H, W), int64 labels (N,); copied to each device once."""
+    """A split held in memory, copied to each device once: uint8 images (N, C, H, W) and either int64 class
+    labels (N,) or uint8 masks (N, H, W) whose value ``ignore_index`` marks unlabelled pixels (it is also
+    the padding value of a random crop)."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, *, ignore_index: int = 255) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels {tuple(labels.shape)} do not match {images.shape[0]} images")
+        n, _, h, w = images.shape
+        self.dense = labels.ndim == 3
+        if self.dense:
+            if labels.shape != (n, h, w) or labels.dtype != torch.uint8:
+                raise ValueError(f"masks must be uint8 {(n, h, w)}, got {labels.dtype} {tuple(labels.shape)}")
+            self.labels = labels.contiguous()
+        else:
+            if labels.shape != (n,):
+                raise ValueError(f"labels {tuple(labels.shape)} do not match {n} images")
+            self.labels = labels.long().contiguous()
         self.images = images.contiguous()
-        self.labels = labels.long().contiguous()
+        self.ignore_index = ignore_index
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
@@ -179,12 +195,15 @@ class InMemoryTrainLoader:
         bs = self.batch_size
         for b in range(self._num_batches):
             ix = idx[b * bs : (b + 1) * bs]
-            x = images[ix]
+            x, y = images[ix], labels[ix]
             if params is not None:
                 pad = self.augment.crop_padding
                 offsets = params.offsets[ix] if pad > 0 else None
-                x = crop_flip(x, offsets, params.flips[ix] if self.augment.hflip else None, pad)
-            yield self.normalize(x), labels[ix]
+                flips = params.flips[ix] if self.augment.hflip else None
+                x = crop_flip(x, offsets, flips, pad)
+                if self.split.dense:
+                    y = crop_flip_masks(y, offsets, flips, pad, self.split.ignore_index)
+            yield self.normalize(x), y.long()
 
 
 class InMemoryEvalLoader:
@@ -222,7 +241,30 @@ class InMemoryEvalLoader:
         bs = self.batch_size
         for b in range(self._num_batches):
             ix = idx[b * bs : (b + 1) * bs]
-            yield self.normalize(images[ix]), labels[ix]
+            yield self.normalize(images[ix]), labels[ix].long()
+
+
+class InMemoryBackend:
+    """The loader factories of a :class:`~featkd.data.sources.DataBundle` whose splits are in memory."""
+
+    def __init__(
+        self,
+        train: TensorSplit,
+        val: TensorSplit | None,
+        test: TensorSplit,
+        norm: Normalizer,
+        aug: AugmentSpec,
+    ) -> None:
+        self.train, self.val, self.test, self.norm, self.aug = train, val, test, norm, aug
+
+    def train_loader(self, batch_size: int, **kw: Any) -> Loader:
+        return InMemoryTrainLoader(self.train, self.norm, self.aug, batch_size, **kw)
+
+    def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
+        data = getattr(self, split)
+        if data is None:
+            return None
+        return InMemoryEvalLoader(data, self.norm, batch_size, indices=indices, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,41 +13,32 @@ imagefolder   data_dir/train/<class>/*, data_dir/val|test/<class>/*  RandomResiz
 ============  =====================================================  ========================================
 
 The first five are held in memory as uint8 tensors and normalised on the device per batch; imagefolder
-decodes images in DataLoader workers.
+decodes images in DataLoader workers. Semantic-segmentation sets (``scenes``, ``voc``, ``cityscapes``,
+``segfolder``) live in :mod:`featkd.data.seg_datasets`: their factories return an object with a
+``to_bundle(cfg)`` method (:class:`BundleSource`), which :func:`build_data` calls.
 
-Split rules (all deterministic):
-
-* ``val_fraction``: ``round(val_fraction * n_train)`` training samples (round half up) are held out as the
-  validation split, class-stratified, seeded by ``subset_seed``; it is carved out BEFORE ``train_subset``, so
-  the validation split does not depend on ``train_subset``. It uses the eval transform.
-* ``train_subset: N``: N samples of the remaining training pool, class-stratified, seeded by ``subset_seed``.
-  Per-class counts are the largest-remainder apportionment of N (:func:`stratified_counts`): class ``c`` with
-  ``n_c`` of the ``n`` pool samples gets ``floor(N * n_c / n)``, and the ``N - sum(floors)`` left over go one
-  each to the classes with the largest remainders ``N * n_c mod n`` (ties: lower class id first). So every
-  class gets ``N * n_c / n`` rounded down or up and the total is exactly N. The chosen samples of each class
-  are the head of a seeded permutation of that class. The train and train_eval views use the same subset.
+Split rules (``val_fraction``, ``train_subset``, ``subset_seed``): see :mod:`featkd.data.splits`; the sets
+here are split class-stratified.
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from featkd.data.augment import AugmentSpec, mix_seed
+from featkd.data.augment import AugmentSpec
 from featkd.data.idx import read_idx
 from featkd.data.loaders import (
     Device,
-    InMemoryEvalLoader,
-    InMemoryTrainLoader,
+    InMemoryBackend,
     Loader,
     Normalizer,
     SeededTransformDataset,
@@ -55,6 +46,8 @@ from featkd.data.loaders import (
     folder_eval_loader,
     folder_train_loader,
 )
+from featkd.data.scenes import ScenesConfig
+from featkd.data.splits import split_train
 from featkd.errors import ConfigError, DataError, FeatkdError
 from featkd.registry import Registry
 
@@ -63,9 +56,11 @@ from featkd.registry import Registry
 class DataConfig:
     """The ``data:`` section of an experiment."""
 
-    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
+    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, and the
+    # segmentation sets scenes | voc | cityscapes | segfolder (featkd.data.seg_datasets)
     data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
-    # folder (required); cifar10/cifar100/imagefolder: root (required)
+    # folder (required); cifar10/cifar100/imagefolder/voc/cityscapes/segfolder: root (required);
+    # scenes: the cache root (default ~/.cache/featkd/scenes; the set goes in <root>/<parameter hash>/)
     download: bool = False  # cifar10/cifar100 only (needs internet)
     train_subset: int | None = None  # seeded, class-stratified subset of the training split
     subset_seed: int = 0
@@ -73,10 +68,14 @@ class DataConfig:
     batch_size: int = 128  # GLOBAL batch (split over DDP ranks)
     eval_batch_size: int = 512  # GLOBAL batch of the eval loaders
     augment: bool = True  # the dataset's default train augmentation
-    crop_padding: int | None = None  # override the dataset default (random crop after zero padding)
+    crop_padding: int | None = None  # override the dataset default (random crop after zero padding;
+    # segmentation masks are padded with the ignore index)
     hflip: bool | None = None  # override the dataset default
-    image_size: int = 224  # imagefolder only
+    image_size: int | list[int] | None = None  # imagefolder: the crop size (null: 224); voc, cityscapes,
+    # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it once, at build time: an
+    # int for a square, [H, W] otherwise; null keeps the native size, which must then be the same for all
     num_workers: int = 0  # imagefolder only (in-memory sets need none)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
 
     def validate(self, path: str = "data") -> None:
         """Check the values (called by the config loader and by :func:`build_data`); one-line ConfigError."""
@@ -90,7 +89,7 @@ class DataConfig:
                 "null or a positive integer",
             ),
             (self.crop_padding is None or self.crop_padding >= 0, "crop_padding", "null or >= 0"),
-            (self.image_size >= 1, "image_size", "a positive integer"),
+            (_valid_size(self.image_size), "image_size", "null, a positive integer or [H, W]"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
         ]
         for ok, key, want in checks:
@@ -105,6 +104,12 @@ class DataConfig:
                 f"{path}.download: {self.dataset} cannot be downloaded "
                 f"(only {', '.join(sorted(_DOWNLOADABLE))} can)"
             )
+
+
+def _valid_size(size: int | list[int] | None) -> bool:
+    if size is None or isinstance(size, int):
+        return size is None or size >= 1
+    return len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -143,32 +148,18 @@ class FolderSource:
     std: tuple[float, ...]
 
 
-DATASETS: Registry[Callable[[DataConfig], InMemorySource | FolderSource]] = Registry("dataset")
+@runtime_checkable
+class BundleSource(Protocol):
+    """A loaded data set that builds its own bundle (the segmentation sets, :mod:`featkd.data.segmentation`)."""
+
+    def to_bundle(self, cfg: DataConfig) -> DataBundle: ...
+
+
+DATASETS: Registry[Callable[[DataConfig], InMemorySource | FolderSource | BundleSource]] = Registry("dataset")
 
 
 # --------------------------------------------------------------------------------------------------------
 # The bundle.
-
-
-class _InMemoryBackend:
-    def __init__(
-        self,
-        train: TensorSplit,
-        val: TensorSplit | None,
-        test: TensorSplit,
-        norm: Normalizer,
-        aug: AugmentSpec,
-    ) -> None:
-        self.train, self.val, self.test, self.norm, self.aug = train, val, test, norm, aug
-
-    def train_loader(self, batch_size: int, **kw: Any) -> Loader:
-        return InMemoryTrainLoader(self.train, self.norm, self.aug, batch_size, **kw)
-
-    def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
-        data = getattr(self, split)
-        if data is None:
-            return None
-        return InMemoryEvalLoader(data, self.norm, batch_size, indices=indices, **kw)
 
 
 class _FolderBackend:
@@ -194,7 +185,12 @@ class _FolderBackend:
 
 @dataclass
 class DataBundle:
-    """A built data set: sizes, shapes and loader factories. ``batch_size`` arguments are GLOBAL batches."""
+    """A built data set: sizes, shapes and loader factories. ``batch_size`` arguments are GLOBAL batches.
+
+    ``task`` says what the labels are: "classification" (``y`` (B,) class ids) or "segmentation" (``y``
+    (B, H, W) per-pixel class ids, ``ignore_index`` where unlabelled; ``num_classes`` counts the background
+    class when the data set has one). ``ignore_index`` only means something for segmentation.
+    ``class_names`` has one name per class id (empty where the data set has none)."""
 
     name: str
     num_classes: int
@@ -205,6 +201,9 @@ class DataBundle:
     augmentation: str = "none"  # human-readable train augmentation
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    task: str = "classification"  # "classification" | "segmentation"
+    ignore_index: int = 255  # label of unlabelled pixels (segmentation only)
+    class_names: tuple[str, ...] = ()
     _backend: Any = field(default=None, repr=False, compare=False)
 
     def train_loader(
@@ -262,81 +261,30 @@ class DataBundle:
 
     def describe(self) -> str:
         c, h, w = self.input_shape
+        classes = f"{self.num_classes} classes"
+        if self.task != "classification":
+            classes += f" ({self.task}, ignore index {self.ignore_index})"
         return (
             f"{self.name}: train {self.train_size}, val {self.val_size}, test {self.test_size}; "
-            f"input {c}x{h}x{w}, {self.num_classes} classes; train augmentation: {self.augmentation}"
+            f"input {c}x{h}x{w}, {classes}; train augmentation: {self.augmentation}"
         )
 
 
-# --------------------------------------------------------------------------------------------------------
-# Splits.
-
-
-def stratified_counts(class_counts: Sequence[int], total: int) -> list[int]:
-    """Largest-remainder apportionment of ``total`` over classes with ``class_counts`` samples (see the
-    module docstring). Exact integer arithmetic; never exceeds a class's count when ``total <= sum``."""
-    n = sum(class_counts)
-    if not 0 <= total <= n:
-        raise ValueError(f"cannot pick {total} of {n} samples")
-    if n == 0:
-        return [0] * len(class_counts)
-    counts = [total * c // n for c in class_counts]
-    remainders = [total * c % n for c in class_counts]
-    order = sorted(range(len(class_counts)), key=lambda k: (-remainders[k], k))
-    for k in order[: total - sum(counts)]:
-        counts[k] += 1
-    return counts
-
-
-def stratified_pick(labels: Tensor, pool: Tensor, total: int, generator: torch.Generator) -> Tensor:
-    """``total`` indices of ``pool`` (indices into ``labels``), class-stratified; returned sorted."""
-    pool_labels = labels[pool]
-    classes, class_counts = torch.unique(pool_labels, sorted=True, return_counts=True)
-    counts = stratified_counts(class_counts.tolist(), total)
-    chosen = []
-    for c, k in zip(classes.tolist(), counts, strict=True):
-        members = pool[pool_labels == c]
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    if not chosen:
-        return pool[:0]
-    return torch.cat(chosen).sort().values
-
-
-_VAL_STREAM, _SUBSET_STREAM = 0x76616C, 0x737562
-
-
-def split_train(labels: Tensor, cfg: DataConfig, name: str) -> tuple[Tensor, Tensor | None]:
-    """(train indices, val indices or None) into the full training split, following ``cfg``."""
-    n = len(labels)
-    pool = torch.arange(n)
-    val = None
-    if cfg.val_fraction > 0:
-        n_val = math.floor(cfg.val_fraction * n + 0.5)
-        if n_val == 0 or n_val >= n:
-            raise ConfigError(
-                f"data.val_fraction: {cfg.val_fraction} of the {n} {name} training samples is {n_val} samples"
-            )
-        g = torch.Generator().manual_seed(mix_seed(cfg.subset_seed, _VAL_STREAM))
-        val = stratified_pick(labels, pool, n_val, g)
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[val] = False
-        pool = pool[keep]
-    if cfg.train_subset is not None:
-        if cfg.train_subset > len(pool):
-            left = " left after data.val_fraction" if val is not None else ""
-            raise ConfigError(
-                f"data.train_subset: {cfg.train_subset} is more than the "
-                f"{len(pool)} {name} training samples{left}"
-            )
-        g = torch.Generator().manual_seed(mix_seed(cfg.subset_seed, _SUBSET_STREAM))
-        pool = stratified_pick(labels, pool, cfg.train_subset, g)
-    return pool, val
+def train_augment(cfg: DataConfig, crop_padding: int, hflip: bool) -> AugmentSpec:
+    """The in-memory train augmentation: the data set's defaults, overridden by ``cfg`` (none without
+    ``cfg.augment``)."""
+    if not cfg.augment:
+        return AugmentSpec()
+    pad = crop_padding if cfg.crop_padding is None else cfg.crop_padding
+    return AugmentSpec(pad, hflip if cfg.hflip is None else cfg.hflip)
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Load ``cfg.dataset`` and return its :class:`DataBundle`; bad input raises a one-line FeatkdError."""
     cfg.validate()
     src = DATASETS.get(cfg.dataset)(cfg)
+    if isinstance(src, BundleSource):
+        return src.to_bundle(cfg)
     if isinstance(src, FolderSource):
         return _build_folder(cfg, src)
     return _build_in_memory(cfg, src)
@@ -351,11 +299,7 @@ def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
         train = TensorSplit(src.train_images[train_idx], src.train_labels[train_idx])
     val = None if val_idx is None else TensorSplit(src.train_images[val_idx], src.train_labels[val_idx])
     test = TensorSplit(src.test_images, src.test_labels)
-    if cfg.augment:
-        pad = src.crop_padding if cfg.crop_padding is None else cfg.crop_padding
-        aug = AugmentSpec(pad, src.hflip if cfg.hflip is None else cfg.hflip)
-    else:
-        aug = AugmentSpec()
+    aug = train_augment(cfg, src.crop_padding, src.hflip)
     norm = Normalizer(src.mean, src.std, src.max_value)
     c, h, w = src.train_images.shape[1:]
     return DataBundle(
@@ -368,7 +312,7 @@ def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
         augmentation=aug.describe(),
         mean=norm.mean,
         std=norm.std,
-        _backend=_InMemoryBackend(train, val, test, norm, aug),
+        _backend=InMemoryBackend(train, val, test, norm, aug),
     )
 
 
@@ -654,7 +598,9 @@ def imagefolder(cfg: DataConfig) -> FolderSource:
         test = SameClasses(str(test_dir), allow_empty=True)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"imagefolder: {test_dir}: {' '.join(str(e).split())}") from None
-    size = cfg.image_size
+    if isinstance(cfg.image_size, list):
+        raise ConfigError(f"data.image_size: imagefolder takes one integer (a square crop), got {cfg.image_size}")
+    size = 224 if cfg.image_size is None else cfg.image_size
     hflip = True if cfg.hflip is None else cfg.hflip
     eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
     if cfg.augment:
