@@ -1,5 +1,9 @@
 """``featkd layers MODEL [--input-shape C,H,W]``: list capture points and their shapes.
 
+Works for classifiers and segmenters alike (``featkd layers torchvision:fcn_resnet50 --input-shape 3,64,64``):
+entries of dict outputs are listed as ``module[key]`` (``backbone[out]``), and in a model that does not
+trace as a whole the fx nodes of its traceable sub-modules are listed in their place.
+
 ``--groups`` shows instead the layer groups found from the model's graph and shapes (the blocks of each
 same-spatial-size stage, as DFA uses them; :mod:`featkd.groups`); with ``--student NAME`` also the
 student's groups and how the two are paired.
@@ -62,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
     rows = [p for p in points if (args.kind == "all" or p.kind == args.kind)
             and (pattern is None or pattern.search(p.name))]
     width = max([len(p.name) for p in rows] + [4])
-    print(f"{'name':<{width}}  {'kind':<6}  {'op':<18}  shape (per example, input {'x'.join(map(str, shape))})")
+    op_width = max([len(p.op) for p in rows] + [18])
+    print(f"{'name':<{width}}  {'kind':<6}  {'op':<{op_width}}  shape (per example, input {'x'.join(map(str, shape))})")
     for p in rows:
         dims = "x".join(map(str, p.shape)) if p.shape is not None else "-"
-        print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<18}  {dims}")
+        print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<{op_width}}  {dims}")
     return 0
 
 

@@ -1,10 +1,18 @@
-"""Model zoo: CIFAR-style teachers and students, plus an adapter for ``torchvision:<name>`` models.
+"""Model zoo: CIFAR-style classifiers and small segmenters, plus an adapter for ``torchvision:<name>`` models.
 
 Every featkd model takes ``num_classes`` and ``in_channels`` (keyword) and its own options, returns logits
-only, uses no in-place operation, is traceable by :func:`torch.fx.symbolic_trace` and ends with an
-``nn.Linear`` classifier (last in ``named_modules()`` order, see :func:`classifier_name`).
+only (a tensor), uses no in-place operation and is traceable by :func:`torch.fx.symbolic_trace`.
+
+- Classifiers return (B, K) and end with an ``nn.Linear`` classifier (last in ``named_modules()`` order,
+  see :func:`classifier_name`).
+- Segmenters (``fcn_<backbone>``, ``deeplab_<backbone>``: :mod:`featkd.models.segmentation`) return
+  (B, K, H, W) logits at the input's size and end with a 1x1 convolution.
+
+:func:`model_kind` tells the two apart from a built model's output (also for ``torchvision:`` segmenters,
+which return ``{'out': (B, K, H, W)[, 'aux': ...]}``; :func:`segmentation_logits` takes the ``'out'``).
 
 >>> model = create_model("resnet8", num_classes=10, in_channels=1, widths=[8, 16, 32])
+>>> seg = create_model("fcn_resnet8", num_classes=5, in_channels=1, widths=[8, 16, 32])
 """
 
 from __future__ import annotations
@@ -26,10 +34,21 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 TORCHVISION_PREFIX = "torchvision:"
 
 # Each model file registers its models in MODELS when imported.
-for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn"):
+for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn", "segmentation"):
     importlib.import_module(f"featkd.models.{_module}")
 
-__all__ = ["MODELS", "classifier_name", "create_model", "list_models", "model_options"]
+from featkd.models.segmentation import SEGMENTATION_MODELS, model_kind, segmentation_logits  # noqa: E402
+
+__all__ = [
+    "MODELS",
+    "SEGMENTATION_MODELS",
+    "classifier_name",
+    "create_model",
+    "list_models",
+    "model_kind",
+    "model_options",
+    "segmentation_logits",
+]
 
 
 def list_models() -> list[str]:

@@ -1,9 +1,16 @@
-"""Adapter for ``torchvision:<name>`` classification models (``torchvision.models.get_model``).
+"""Adapter for ``torchvision:<name>`` classification and segmentation models (``torchvision.models.get_model``).
 
 The model is built by torchvision with ``num_classes`` and the given options and is left unmodified, except
 that for ``in_channels != 3`` its first ``nn.Conv2d`` (first in ``named_modules()`` order) is replaced by one
 with the same hyper-parameters and ``in_channels`` inputs, so module names and ``state_dict`` keys stay
 torchvision's. Note that torchvision models keep their in-place ReLUs and additions.
+
+Segmentation models (``torchvision.models.segmentation``: ``fcn_resnet50``, ``deeplabv3_resnet50``,
+``lraspp_mobilenet_v3_large``, ...) are built with ``weights=None, weights_backbone=None`` (torchvision's
+own default would download an ImageNet backbone) and without the auxiliary head unless ``aux_loss=True`` is
+given. Their forward returns ``{'out': (B, K, H, W)[, 'aux': ...]}`` (see
+:func:`featkd.models.segmentation_logits`). Option ``weights_backbone`` (e.g. ``"DEFAULT"``) loads an
+ImageNet backbone; ``weights`` (the whole segmenter, trained on 21 VOC classes) needs ``num_classes=21``.
 
 Option ``weights`` (e.g. ``"DEFAULT"``, needs internet the first time) loads pretrained weights: the model is
 built with its default head, then the final ``nn.Linear`` is replaced by a fresh one with ``num_classes``
@@ -15,6 +22,7 @@ activations as the RGB model on that grey image.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -36,20 +44,26 @@ def _torchvision_models() -> Any:
 def create_torchvision_model(
     name: str, *, num_classes: int, in_channels: int = 3, weights: str | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Build torchvision classification model ``name`` (see the module docstring)."""
+    """Build torchvision classification or segmentation model ``name`` (see the module docstring)."""
     tvm = _torchvision_models()
     full = f"torchvision:{name}"
-    available = tvm.list_models(module=tvm)
-    if name not in available:
+    classifiers = tvm.list_models(module=tvm)
+    segmenters = tvm.list_models(module=tvm.segmentation)
+    if name not in classifiers and name not in segmenters:
         raise FeatkdError(
-            f"unknown model {full!r}{did_you_mean(name, available)}; torchvision classification models: "
-            + ", ".join(available)
+            f"unknown model {full!r}{did_you_mean(name, classifiers + segmenters)}; torchvision classification "
+            f"models: {', '.join(classifiers)}; segmentation models: {', '.join(segmenters)}"
         )
-    if weights is not None and not isinstance(weights, str):
-        raise FeatkdError(f"model {full!r}: option 'weights' must be a string, got {weights!r}")
+    for option, value in (("weights", weights), ("weights_backbone", kwargs.get("weights_backbone"))):
+        if value is not None and not isinstance(value, str):
+            raise FeatkdError(f"model {full!r}: option {option!r} must be a string, got {value!r}")
+    segmenter = name in segmenters
+    if segmenter:
+        _check_segmenter_options(tvm, name, kwargs)
+        kwargs.setdefault("weights_backbone", None)
     try:
-        if weights is None:
-            model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        if weights is None or segmenter:  # torchvision checks num_classes against pretrained segmenters
+            model = tvm.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
         else:
             model = tvm.get_model(name, weights=weights, **kwargs)
     except TypeError as exc:
@@ -65,11 +79,21 @@ def create_torchvision_model(
         raise FeatkdError(f"model {full!r}: invalid {what}: {exc}") from None
     except OSError as exc:  # urllib errors while downloading weights
         raise FeatkdError(f"model {full!r}: could not download weights {weights!r}: {exc}") from None
-    if weights is not None:
+    if weights is not None and not segmenter:
         _replace_classifier(model, num_classes, full)
     if in_channels != 3:
-        _replace_first_conv(model, in_channels, pretrained=weights is not None, full=full)
+        pretrained = weights is not None or kwargs.get("weights_backbone") is not None
+        _replace_first_conv(model, in_channels, pretrained=pretrained, full=full)
     return model
+
+
+def _check_segmenter_options(tvm: Any, name: str, kwargs: dict[str, Any]) -> None:
+    """torchvision's segmentation builders silently ignore unknown keyword arguments: reject them here."""
+    params = inspect.signature(tvm.get_model_builder(name)).parameters
+    allowed = [k for k, p in params.items() if p.kind is not p.VAR_KEYWORD and k not in ("weights", "num_classes")]
+    for key in kwargs:
+        if key not in allowed:
+            raise FeatkdError(f"model 'torchvision:{name}': unknown option {key!r} (allowed: {', '.join(allowed)})")
 
 
 def _set_module(model: nn.Module, qualname: str, module: nn.Module) -> None:
