@@ -352,6 +352,7 @@ class Trainer:
         record[f"train_{self.task.train_metric}"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
         tc = self.cfg.train
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 in (tc.epochs, tc.stop_after):
+            self._sync_student_buffers()
             for split in ("val", "test") if self.data.val_size else ("test",):
                 result = self.evaluate(self.student_capture.model, split)
                 record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
@@ -359,6 +360,14 @@ class Trainer:
         record["epoch_time"] = seconds
         record["train_images_per_s"] = stats[-1].item() / max(seconds, 1e-9)
         return record
+
+    def _sync_student_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics before evaluating: DDP broadcasts buffers at the
+        start of each forward, so after the last step each rank holds its own batch's update, and the
+        shards would be scored with different models than the one rank 0 saves."""
+        if self.dist.enabled:
+            for buffer in self.student.buffers():
+                self.dist.broadcast(buffer, src=0)
 
     def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
         rng = gather_objects(ckpt.rng_state(), self.dist)  # collective: every rank takes part

@@ -66,13 +66,12 @@ class Task:
         """Raise a one-line error when a model's output does not fit the task (checked at build time)."""
         try:
             logits = self.logits(output)
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, FeatkdError):
             logits = None
         if not isinstance(logits, Tensor) or logits.ndim != self.logits_ndim:
-            got = _describe(output)
             raise FeatkdError(
-                f"{role}.model: {model_name!r} gives {got}, not the {self.model_kind}'s logits that data set "
-                f"{data_name!r} ({self.name}) needs; choose a {self.model_kind} or a data set of its task"
+                f"{role}.model: {model_name!r} is {_describe(output)}, but data set {data_name!r} is for "
+                f"{self.name}: choose a {self.model_kind} (or a data set of the model's task)"
             )
         if logits.shape[1] != self.num_classes:
             raise FeatkdError(f"{role}.model: {model_name!r} predicts {logits.shape[1]} classes, data set "
@@ -95,9 +94,17 @@ class Task:
         raise NotImplementedError
 
 
+#: what a model whose logits have this many dimensions is, for the error above
+_KIND_BY_NDIM = {2: "a classifier", 4: "a segmenter"}
+
+
 def _describe(output: Any) -> str:
+    """'a segmenter (output (2, 11, 64, 64))', 'a classifier (output (2, 10))', or what the output is."""
+    if isinstance(output, dict) and isinstance(output.get("out"), Tensor):
+        output = output["out"]
     if isinstance(output, Tensor):
-        return f"a tensor of shape {tuple(output.shape)}"
+        kind = _KIND_BY_NDIM.get(output.ndim, "a model")
+        return f"{kind} (output {tuple(output.shape)})"
     if isinstance(output, dict):
-        return f"a dict with keys {list(output)}"
-    return f"a {type(output).__name__}"
+        return f"a model whose output is a dict with keys {list(output)}"
+    return f"a model whose output is a {type(output).__name__}"

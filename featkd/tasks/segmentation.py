@@ -15,13 +15,13 @@ Choices (documented in README's segmentation section):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from featkd.models import segmentation_logits
 from featkd.tasks.base import Evaluator, Task
 
 
@@ -102,7 +102,7 @@ class SegmentationTask(Task):
 
     def logits(self, output: Any) -> Tensor:
         """torchvision segmenters return ``{'out': logits, 'aux': ...}``; featkd's return the tensor."""
-        return output["out"] if isinstance(output, Mapping) else output
+        return segmentation_logits(output)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = to_mask_size(logits, targets)
