@@ -13,7 +13,9 @@ from featkd.methods.base import DistInfo
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun (or another launcher speaking its protocol) set the rendezvous variables, even for one
+    process: then the run joins a process group (nccl on one GPU is still nccl, and DDP still wraps)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def select_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -45,7 +47,7 @@ def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank), device
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, process_group=True), device
 
 
 def shutdown_distributed() -> None:

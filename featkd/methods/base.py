@@ -78,6 +78,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    process_group: bool = False  # joined a torch.distributed group (under torchrun, even with one process)
 
     @property
     def is_main(self) -> bool:
@@ -85,7 +86,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Collectives and DDP are in use: several processes, or one process launched by torchrun."""
+        return self.process_group or self.world_size > 1
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over all ranks, in place (no-op in a single process). Every rank must call it."""
