@@ -77,6 +77,20 @@ def resolve_weights(spec: str) -> Path:
     return path
 
 
+def _measured(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's final test metric as the manifest records it: ``test_acc`` for classifiers (every entry has
+    had it), ``metric`` + ``test_<metric>`` for other tasks (``test_miou`` for segmenters)."""
+    metric = summary.get("metric", "acc")
+    value = summary.get("test_metric", summary.get("test_acc"))
+    return {"test_acc": value} if metric == "acc" else {"metric": metric, f"test_{metric}": value}
+
+
+def entry_score(entry: dict[str, Any]) -> tuple[str, float]:
+    """(metric name, measured test value) of a manifest entry."""
+    metric = entry.get("metric", "acc")
+    return metric, entry[f"test_{metric}"]
+
+
 def add_entry(run_dir: str | Path, name: str, zoo_dir: str | Path = "zoo") -> dict[str, Any]:
     """Copy a finished run's student into the zoo and record it in the manifest (see ``featkd zoo add``)."""
     import shutil
@@ -99,7 +113,7 @@ def add_entry(run_dir: str | Path, name: str, zoo_dir: str | Path = "zoo") -> di
     entry = {
         "name": name, "file": f"{name}.pt", "sha256": sha256_of(zoo_dir / f"{name}.pt"),
         "dataset": config["data"]["dataset"], "model": config["student"]["model"],
-        "options": config["student"].get("options", {}), "test_acc": summary["test_acc"],
+        "options": config["student"].get("options", {}), **_measured(summary),
         "epochs": summary["epochs"], "train_seconds": round(summary["train_seconds"], 1),
         "config": f"{name}.yaml", "command": command,
     }

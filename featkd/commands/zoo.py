@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featkd.zoo import add_entry, load_manifest
+    from featkd.zoo import add_entry, entry_score, load_manifest
 
     if args.action == "add":
         from featkd.errors import FeatkdError
@@ -28,14 +28,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.run_dir or not args.name:
             raise FeatkdError("zoo add needs RUN_DIR and --name NAME")
         entry = add_entry(args.run_dir, args.name, args.zoo_dir)
-        print(f"added {entry['name']}: {entry['file']} (test_acc {entry['test_acc']:.2f}, "
-              f"sha256 {entry['sha256'][:12]})")
+        metric, value = entry_score(entry)
+        print(f"added {entry['name']}: {entry['file']} (test_{metric} {value:.2f}, sha256 {entry['sha256'][:12]})")
         return 0
     entries = load_manifest()
     if not entries:
         print("no zoo entries found (zoo/manifest.json)")
         return 0
-    print(f"{'name':<28} {'dataset':<14} {'model':<14} {'test_acc':>8}  file")
+    print(f"{'name':<30} {'dataset':<14} {'model':<18} {'test metric':>16}  file")
     for name, e in sorted(entries.items()):
-        print(f"{name:<28} {e['dataset']:<14} {e['model']:<14} {e['test_acc']:>8.2f}  {e['path']}")
+        metric, value = entry_score(e)
+        print(f"{name:<30} {e['dataset']:<14} {e['model']:<18} {metric:>7} {value:>8.2f}  {e['path']}")
     return 0
