@@ -91,6 +91,7 @@ def test_two_epochs_beat_the_all_background_predictor(tmp_path, scenes_dir):
     {"name": "mgd", "reducer": "amp", "pairs": [["backbone.layer3.0.add", "backbone.layer3.0.add"]],
      "stats_images": 32},
     {"name": "cwd", "pairs": [["classifier.4", "classifier.4"]]},
+    {"name": "at", "pairs": [["backbone.layer2", "backbone.layer2"]]},
 ], ids=lambda m: m["name"])
 def test_every_dense_method_trains_a_segmenter(method, scenes_dir, one_thread):
     from featkd.engine.trainer import Trainer
