@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -472,10 +472,10 @@ class CapturingModel(nn.Module):
 
         return forward
 
-    def _run_model(self, x: Tensor) -> Any:
+    def _run_model(self, x: Tensor, *args: Any) -> Any:
         self._captured.clear()
         with self._swapped_forwards():
-            return self.model(x)
+            return self.model(x, *args)
 
     @torch.no_grad()
     def _probe(self, example_input: Tensor) -> dict[str, tuple[int, ...]]:
@@ -509,11 +509,34 @@ class CapturingModel(nn.Module):
             shapes[p] = tuple(t.shape[1:])
         return shapes
 
-    def forward(self, x: Tensor) -> tuple[Any, dict[str, Tensor]]:
+    def forward(self, x: Tensor, *args: Any) -> tuple[Any, dict[str, Tensor]]:
+        """``(model(x, *args), {point: tensor})``; ``args``: further inputs of the model's forward (a
+        detector's targets in train mode)."""
         if self._use_fx:
-            out, feats = self._graph_module(x)
+            out, feats = self._graph_module(x, *args)
             return out, dict(zip(self.points, feats, strict=True))
-        out = self._run_model(x)
+        out = self._run_model(x, *args)
+        feats = {p: self._captured[p] for p in self.points if p in self._captured}
+        self._captured.clear()
+        return out, feats
+
+    @property
+    def traced_whole(self) -> bool:
+        """Whether the points come from one fx trace of the model's whole forward (else hooks, and traced
+        sub-modules swapped in while the model runs)."""
+        return self._use_fx
+
+    def run(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, Tensor]]:
+        """``(fn(), {point: tensor})`` for a call ``fn`` that runs part of the model (a detector's backbone
+        alone, say): hook and sub-module points fire as in :meth:`forward`; points ``fn`` does not reach are
+        absent. Not for a model captured through one fx trace of its whole forward (its points are nodes of
+        that forward)."""
+        if self._use_fx:
+            raise FeatkdError(f"{type(self.model).__name__} is captured through its traced forward; call the "
+                              "capture itself")
+        self._captured.clear()
+        with self._swapped_forwards():
+            out = fn()
         feats = {p: self._captured[p] for p in self.points if p in self._captured}
         self._captured.clear()
         return out, feats

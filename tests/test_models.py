@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from featkd.errors import FeatkdError
-from featkd.models import SEGMENTATION_MODELS, classifier_name, create_model, list_models
+from featkd.models import DETECTION_MODELS, SEGMENTATION_MODELS, classifier_name, create_model, list_models
 from featkd.models.resnet_cifar import BasicBlock
 
 EXPECTED_NAMES = {
@@ -57,7 +57,7 @@ def inplace_nodes(graph: fx.Graph) -> list[str]:
 
 
 def test_registered_names() -> None:
-    assert set(list_models()) == EXPECTED_NAMES | set(SEGMENTATION_MODELS)
+    assert set(list_models()) == EXPECTED_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))

@@ -1,5 +1,6 @@
 """``featkd eval CHECKPOINT``: the task's metrics of a trained student on a split (accuracy; mIoU,
-pixel accuracy and per-class IoU for segmentation).
+pixel accuracy and per-class IoU for segmentation; COCO box AP, AP50, AP75, AP small / medium / large, the
+same for masks when the detector predicts them, and per-class AP for detection).
 
 CHECKPOINT is a run folder (its ``last.pt``, or ``best.pt`` with ``--best``), a featkd training
 checkpoint (which records its config), or a plain state_dict together with ``--config``.
@@ -57,9 +58,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    metrics = "  ".join(f"{args.split}_{k} {result[k]:.{4 if k == 'loss' else 2}f}" for k in run.task.logged_metrics)
-    count = result.get("samples", result.get("pixels"))
+    metrics = "  ".join(f"{args.split}_{k} {result[k]:.{4 if k == 'loss' else 2}f}" for k in run.task.logged_metrics
+                        if k in result)
+    count = result.get("samples", result.get("pixels", result.get("images")))
     print(f"{metrics}  (n={count}, {cfg.student.model} on {cfg.data.dataset}, {path})")
+    if "per_class_ap" in result:
+        names = result["class_names"] or [str(i + 1) for i in range(len(result["per_class_ap"]))]
+        width = max(len(n) for n in names)
+        print(f"{'class':<{width}}  box AP" + ("  mask AP" if "mask_per_class_ap" in result else ""))
+        for i, name in enumerate(names):
+            row = [result["per_class_ap"][i], *([result["mask_per_class_ap"][i]] if "mask_per_class_ap" in result
+                                              else [])]
+            print(f"{name:<{width}}  " + "  ".join("   n/a" if v is None else f"{v:6.2f}" for v in row))
     if "iou_per_class" in result:
         names = result["class_names"] or [str(i) for i in range(len(result["iou_per_class"]))]
         width = max(len(n) for n in names)

@@ -6,7 +6,7 @@ the split rules, :mod:`featkd.data.loaders` for the sharding semantics and :mod:
 the augmentation.
 """
 
-from featkd.data import seg_datasets  # noqa: F401  (registers scenes, segfolder, voc, cityscapes)
+from featkd.data import det_datasets, seg_datasets  # noqa: F401  (register coco, scenes-det; scenes, voc, ...)
 from featkd.data.augment import AugmentSpec
 from featkd.data.idx import read_idx, write_idx
 from featkd.data.loaders import Loader

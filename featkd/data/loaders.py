@@ -35,7 +35,8 @@ Device = str | torch.device
 @runtime_checkable
 class Loader(Protocol):
     """What every loader returns: ``x`` float32 normalised (B, C, H, W), ``y`` int64 (B,) class ids or
-    (B, H, W) masks, on the device."""
+    (B, H, W) masks, on the device (detection: ``x`` in [0, 1] and ``y`` a list of target dicts,
+    :mod:`featkd.data.detection`)."""
 
     num_samples: int  # samples this rank yields per epoch
 

@@ -15,7 +15,8 @@ imagefolder   data_dir/train/<class>/*, data_dir/val|test/<class>/*  RandomResiz
 The first five are held in memory as uint8 tensors and normalised on the device per batch; imagefolder
 decodes images in DataLoader workers. Semantic-segmentation sets (``scenes``, ``voc``, ``cityscapes``,
 ``segfolder``) live in :mod:`featkd.data.seg_datasets`: their factories return an object with a
-``to_bundle(cfg)`` method (:class:`BundleSource`), which :func:`build_data` calls.
+``to_bundle(cfg)`` method (:class:`BundleSource`), which :func:`build_data` calls; so do the detection sets
+(``coco``, ``scenes-det``) of :mod:`featkd.data.det_datasets`.
 
 Split rules (``val_fraction``, ``train_subset``, ``subset_seed``): see :mod:`featkd.data.splits`; the sets
 here are split class-stratified.
@@ -56,8 +57,9 @@ from featkd.registry import Registry
 class DataConfig:
     """The ``data:`` section of an experiment."""
 
-    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, and the
-    # segmentation sets scenes | voc | cityscapes | segfolder (featkd.data.seg_datasets)
+    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder, the
+    # segmentation sets scenes | voc | cityscapes | segfolder (featkd.data.seg_datasets), and the detection
+    # sets coco | scenes-det (featkd.data.det_datasets)
     data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
     # folder (required); cifar10/cifar100/imagefolder/voc/cityscapes/segfolder: root (required);
     # scenes: the cache root (default ~/.cache/featkd/scenes; the set goes in <root>/<parameter hash>/)
@@ -75,6 +77,7 @@ class DataConfig:
     # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it once, at build time: an
     # int for a square, [H, W] otherwise; null keeps the native size, which must then be the same for all
     num_workers: int = 0  # imagefolder only (in-memory sets need none)
+    masks: bool = False  # detection sets (coco, scenes-det): decode instance masks (Mask R-CNN, mask AP)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
 
     def validate(self, path: str = "data") -> None:
@@ -187,10 +190,12 @@ class _FolderBackend:
 class DataBundle:
     """A built data set: sizes, shapes and loader factories. ``batch_size`` arguments are GLOBAL batches.
 
-    ``task`` says what the labels are: "classification" (``y`` (B,) class ids) or "segmentation" (``y``
-    (B, H, W) per-pixel class ids, ``ignore_index`` where unlabelled; ``num_classes`` counts the background
-    class when the data set has one). ``ignore_index`` only means something for segmentation.
-    ``class_names`` has one name per class id (empty where the data set has none)."""
+    ``task`` says what the labels are: "classification" (``y`` (B,) class ids), "segmentation" (``y``
+    (B, H, W) per-pixel class ids, ``ignore_index`` where unlabelled) or "detection" (``y`` a list of B
+    target dicts, :mod:`featkd.data.detection`); ``num_classes`` counts the background class when the data
+    set has one (always for detection). ``ignore_index`` only means something for segmentation, ``masks``
+    (the targets hold instance masks) only for detection. ``class_names`` has one name per class id (empty
+    where the data set has none)."""
 
     name: str
     num_classes: int
@@ -201,9 +206,10 @@ class DataBundle:
     augmentation: str = "none"  # human-readable train augmentation
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
-    task: str = "classification"  # "classification" | "segmentation"
+    task: str = "classification"  # "classification" | "segmentation" | "detection"
     ignore_index: int = 255  # label of unlabelled pixels (segmentation only)
     class_names: tuple[str, ...] = ()
+    masks: bool = False  # detection targets hold instance masks
     _backend: Any = field(default=None, repr=False, compare=False)
 
     def train_loader(
@@ -262,8 +268,10 @@ class DataBundle:
     def describe(self) -> str:
         c, h, w = self.input_shape
         classes = f"{self.num_classes} classes"
-        if self.task != "classification":
+        if self.task == "segmentation":
             classes += f" ({self.task}, ignore index {self.ignore_index})"
+        elif self.task != "classification":
+            classes += f" ({self.task}{', with masks' if self.masks else ''})"
         return (
             f"{self.name}: train {self.train_size}, val {self.val_size}, test {self.test_size}; "
             f"input {c}x{h}x{w}, {classes}; train augmentation: {self.augmentation}"

@@ -78,13 +78,15 @@ def progress(iterable: Iterable, total: int, desc: str, mode: str | bool, enable
     return iter(iterable)
 
 
-def format_epoch(rec: dict[str, Any], epochs: int, train_metric: str = "acc",
+def format_epoch(rec: dict[str, Any], epochs: int, train_metric: str | None = "acc",
                  eval_metrics: tuple[str, ...] = ("acc",)) -> str:
-    """One console line for an epoch record: loss terms, the task's training metric, its eval metrics."""
+    """One console line for an epoch record: loss terms, the task's training metric (None: the task has
+    none), its eval metrics."""
     shown = ("train_loss", f"train_{train_metric}", "train_images_per_s")
     terms = ", ".join(f"{k[6:]} {v:.4g}" for k, v in rec.items() if k.startswith("train_") and k not in shown)
     parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['train_loss']:.4f}" + (f" ({terms})" if terms else "")]
-    parts.append(f"train_{train_metric} {rec[f'train_{train_metric}']:.2f}")
+    if train_metric is not None:
+        parts.append(f"train_{train_metric} {rec[f'train_{train_metric}']:.2f}")
     for key in (f"{split}_{m}" for split in ("val", "test") for m in eval_metrics):
         if key in rec:
             parts.append(f"{key} {rec[key]:.2f}")

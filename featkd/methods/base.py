@@ -56,19 +56,23 @@ class DistillerConfig:
 class Batch:
     """One training batch with both networks' outputs.
 
-    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,) class ids or (B, H, W) masks; logits (B, K) or
-    (B, K, H, W) (the task's view of the output); features as captured (e.g. (B, C_i, H_i, W_i)).
-    ``teacher_logits`` is None when the method needs no teacher.
+    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,) class ids, (B, H, W) masks, or (detection) a list
+    of B dicts (``boxes`` (N, 4), ``labels`` (N,), ...); logits (B, K) or (B, K, H, W) (the task's view of
+    the output; None for detection); features as captured (e.g. (B, C_i, H_i, W_i)).
+    ``teacher_logits`` is None when the method needs no teacher or the task has no logits.
+    ``task_losses``: the student's own loss terms when the model computes them (a detector in train mode;
+    see ``Task.forward_student``), else None.
     """
 
     inputs: Tensor
-    targets: Tensor
-    student_logits: Tensor
+    targets: Any
+    student_logits: Any
     student_features: dict[str, Tensor]
     teacher_logits: Tensor | None = None
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     epoch: int = 0
     step: int = 0  # global optimiser step (0-based) this batch belongs to
+    task_losses: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -200,8 +204,9 @@ class Distiller(nn.Module):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Named, already weighted loss terms; the trainer minimises their sum."""
         losses: dict[str, Tensor] = {}
-        if self.cfg.ce_weight:
-            losses["ce"] = self.cfg.ce_weight * self.task.loss(batch.student_logits, batch.targets)
+        if self.cfg.ce_weight:  # {"ce": ...}, or a detector's own terms
+            for name, term in self.task.loss_terms(batch.student_logits, batch.targets, batch.task_losses).items():
+                losses[name] = self.cfg.ce_weight * term
         if self.cfg.kd_weight:
             if batch.teacher_logits is None:
                 raise FeatkdError("kd_weight > 0 needs a teacher")

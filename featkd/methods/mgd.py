@@ -495,7 +495,7 @@ class MatchingGuidedDistiller(Distiller):
             # only the subset rule for a wider student leaves student channels without a target
             mask = self._buf(i, "sizes") > 0 if st.student_channels > st.teacher_channels else None
             total = total + self.stage_weights[i] * partial_l2(s, target, margin, mask)
-        return {"mgd": total / (batch.student_logits.shape[0] * self.normalizer)}
+        return {"mgd": total / (len(batch.inputs) * self.normalizer)}  # per example (detection has no logits)
 
 
 __all__ = [

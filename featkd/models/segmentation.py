@@ -200,7 +200,7 @@ def trunk(classifier: nn.Module, names: Sequence[str]) -> nn.Sequential:
     return nn.Sequential(layers)
 
 
-def _keyword_options(fn: Callable[..., Any], skip: tuple[str, ...]) -> tuple[list[inspect.Parameter], dict]:
+def keyword_options(fn: Callable[..., Any], skip: tuple[str, ...]) -> tuple[list[inspect.Parameter], dict]:
     """Keyword parameters of ``fn`` (minus ``skip``) and their resolved type hints."""
     target = fn.__init__ if isinstance(fn, type) else fn
     hints = typing.get_type_hints(target)
@@ -214,8 +214,8 @@ def _register(head_name: str, backbone_name: str) -> None:
     """Register ``<head>_<backbone>``; its options are the backbone classifier's plus the head's."""
     name = f"{head_name}_{backbone_name}"
     spec, head_cls, make_classifier = BACKBONES[backbone_name], HEADS[head_name], MODELS.get(backbone_name)
-    b_params, b_hints = _keyword_options(make_classifier, ("num_classes", "in_channels"))
-    h_params, h_hints = _keyword_options(head_cls, ("self", "in_channels", "num_classes"))
+    b_params, b_hints = keyword_options(make_classifier, ("num_classes", "in_channels"))
+    h_params, h_hints = keyword_options(head_cls, ("self", "in_channels", "num_classes"))
     backbone_keys = {p.name for p in b_params}
     assert not backbone_keys & set(h_hints), f"{name}: backbone and head options overlap"
 

@@ -1,4 +1,5 @@
-"""Adapter for ``torchvision:<name>`` classification and segmentation models (``torchvision.models.get_model``).
+"""Adapter for ``torchvision:<name>`` classification, segmentation and detection models
+(``torchvision.models.get_model``).
 
 The model is built by torchvision with ``num_classes`` and the given options and is left unmodified, except
 that for ``in_channels != 3`` its first ``nn.Conv2d`` (first in ``named_modules()`` order) is replaced by one
@@ -11,6 +12,17 @@ own default would download an ImageNet backbone) and without the auxiliary head 
 given. Their forward returns ``{'out': (B, K, H, W)[, 'aux': ...]}`` (see
 :func:`featkd.models.segmentation_logits`). Option ``weights_backbone`` (e.g. ``"DEFAULT"``) loads an
 ImageNet backbone; ``weights`` (the whole segmenter, trained on 21 VOC classes) needs ``num_classes=21``.
+
+Detection models (``torchvision.models.detection``: ``retinanet_resnet50_fpn``, ``fcos_resnet50_fpn``,
+``fasterrcnn_resnet50_fpn`` / ``_v2``, ``fasterrcnn_mobilenet_v3_large_fpn``, ``maskrcnn_resnet50_fpn``,
+``ssdlite320_mobilenet_v3_large``, ...; not the keypoint model) are built with ``weights=None,
+weights_backbone=None`` unless given and ``num_classes`` = the data set's K + 1 (index 0 the background:
+the class torchvision's two-stage and SSD detectors reserve for it; RetinaNet and FCOS leave it unused, as
+torchvision's COCO recipe does with 91). Their options go to torchvision's model class: ``min_size``,
+``max_size`` (the internal resize: default 800 / 1333, far too large for small canvases on a CPU),
+``image_mean``, ``image_std``, ``score_thresh``, ``box_detections_per_img``, ... For ``in_channels != 3`` the
+first conv is replaced as below and ``image_mean`` / ``image_std`` default to 0.5 / 0.25 per channel
+(torchvision's three ImageNet values would broadcast a grey image to three channels).
 
 Option ``weights`` (e.g. ``"DEFAULT"``, needs internet the first time) loads pretrained weights: the model is
 built with its default head, then the final ``nn.Linear`` is replaced by a fresh one with ``num_classes``
@@ -49,18 +61,24 @@ def create_torchvision_model(
     full = f"torchvision:{name}"
     classifiers = tvm.list_models(module=tvm)
     segmenters = tvm.list_models(module=tvm.segmentation)
-    if name not in classifiers and name not in segmenters:
+    detectors = [n for n in tvm.list_models(module=tvm.detection) if not n.startswith("keypoint")]
+    if name not in classifiers and name not in segmenters and name not in detectors:
         raise FeatkdError(
-            f"unknown model {full!r}{did_you_mean(name, classifiers + segmenters)}; torchvision classification "
-            f"models: {', '.join(classifiers)}; segmentation models: {', '.join(segmenters)}"
+            f"unknown model {full!r}{did_you_mean(name, classifiers + segmenters + detectors)}; torchvision "
+            f"classification models: {', '.join(classifiers)}; segmentation models: {', '.join(segmenters)}; "
+            f"detection models: {', '.join(detectors)}"
         )
     for option, value in (("weights", weights), ("weights_backbone", kwargs.get("weights_backbone"))):
         if value is not None and not isinstance(value, str):
             raise FeatkdError(f"model {full!r}: option {option!r} must be a string, got {value!r}")
-    segmenter = name in segmenters
-    if segmenter:
+    segmenter = name in segmenters or name in detectors  # both: num_classes given to the builder, no download
+    if name in segmenters:
         _check_segmenter_options(tvm, name, kwargs)
+    if segmenter:
         kwargs.setdefault("weights_backbone", None)
+    if name in detectors and in_channels != 3:
+        kwargs.setdefault("image_mean", [0.5] * in_channels)
+        kwargs.setdefault("image_std", [0.25] * in_channels)
     try:
         if weights is None or segmenter:  # torchvision checks num_classes against pretrained segmenters
             model = tvm.get_model(name, weights=weights, num_classes=num_classes, **kwargs)

@@ -1,0 +1,116 @@
+"""PKD: distillation by the Pearson correlation of feature maps (Cao, Zhang, Wen, Zhang, Wang, Xiao,
+"PKD: General Distillation Framework for Object Detectors via Pearson Correlation Coefficient", NeurIPS
+2022, arXiv 2207.02039): standardise every channel of both maps, then regress one onto the other.
+
+For every pair ``[student_point, teacher_point]`` with maps S, T of shape (N, C, H, W)::
+
+    S <- bilinear resize of S to T's (H_t, W_t)                 when the sizes differ (``resize_student``)
+    z(F)[n, c, h, w] = (F[n, c, h, w] - mean_c) / (std_c + 1e-6)     mean_c, std_c over (N, H, W) of channel c
+    L_pair = mean over (n, c, h, w) of (z(S) - z(T))^2 / 2           = 1 - Pearson r, averaged over channels
+    L_pkd  = weight * (sum of L_pair over the pairs)
+
+What is the reference's (MMRazor ``mmrazor/models/losses/pkd_loss.py``, class ``PKDLoss``, read in its
+repository; the paper's authors wrote it):
+
+* the per-channel standardisation over (N, H, W) of BOTH maps, with the unbiased standard deviation
+  (``Tensor.std``'s default) and ``1e-6`` added to it, then ``F.mse_loss(z_s, z_t) / 2``;
+* the student map bilinearly resized (``F.interpolate``, ``align_corners=False``) to the teacher's size
+  when they differ (``resize_stu=True``, the default); with ``resize_student: false`` the teacher map is
+  resized to the student's instead;
+* equal channel counts: the two FPNs it is made for both have 256 channels (MMRazor asserts equal shapes);
+* one loss per FPN level, each with the same weight: 6 for Faster R-CNN
+  (``configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py``: FPN levels 0-3 of the neck), 10 for
+  RetinaNet (``pkd_fpn_retina_x101_retina_r50_2x_coco.py``). Here: one pair per level and ``weight``
+  (default 6) times their sum.
+
+What is ours:
+
+* the resize happens when the (H, W) sizes differ (MMRazor compares the heights only);
+* a pair whose channel counts differ is an error naming ``method.connector``; with ``conv1x1`` a fresh 1x1
+  convolution maps the student's channels to the teacher's first (as CWD and FitNets here);
+* the teacher's maps are detached; the loss is computed in float32 (under autocast too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featkd.errors import ConfigError, FeatkdError
+from featkd.methods import register
+from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
+from featkd.methods.common import parse_pairs
+from featkd.methods.fitnets import conv1x1_connector
+
+MMRAZOR_FRCNN_WEIGHT = 6.0  # configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py
+STD_EPS = 1e-6  # added to the standard deviation (MMRazor PKDLoss.norm)
+
+
+@dataclass
+class PKDConfig(DistillerConfig):
+    pairs: list[list[str]] = field(default_factory=list)  # [[student_point, teacher_point], ...]
+    weight: float = MMRAZOR_FRCNN_WEIGHT  # multiplies the sum of the pairs' losses
+    resize_student: bool = True  # bilinear-resize the student map to the teacher's size (else the reverse)
+    connector: Literal["none", "conv1x1"] = "none"  # for pairs whose channel counts differ
+
+    def validate(self, path: str = "method") -> None:
+        if not self.weight >= 0:
+            raise ConfigError(f"{path}.weight: must be >= 0, got {self.weight!r}")
+
+
+def channel_standardise(feat: Tensor) -> Tensor:
+    """(N, C, H, W) -> the same shape, each channel minus its mean over (N, H, W), divided by its unbiased
+    standard deviation over (N, H, W) plus 1e-6."""
+    per_channel = feat.transpose(0, 1).flatten(1)  # (C, N * H * W)
+    mean = per_channel.mean(dim=1)
+    std = per_channel.std(dim=1)
+    return (feat - mean[None, :, None, None]) / (std[None, :, None, None] + STD_EPS)
+
+
+def pkd_loss(student: Tensor, teacher: Tensor, resize_student: bool = True) -> Tensor:
+    """``mean((z(s) - z(t))^2) / 2`` of two maps (N, C, H, W) after resizing one to the other's size (see the
+    module docstring); a scalar in float32, no gradient to ``teacher``."""
+    s, t = student.float(), teacher.detach().float()
+    if s.shape[-2:] != t.shape[-2:]:
+        if resize_student:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            t = F.interpolate(t, size=s.shape[-2:], mode="bilinear", align_corners=False)
+    return F.mse_loss(channel_standardise(s), channel_standardise(t)) / 2
+
+
+@register("pkd")
+class PKD(Distiller):
+    Config = PKDConfig
+
+    def __init__(self, cfg: PKDConfig, ctx: BuildContext) -> None:
+        super().__init__(cfg, ctx)
+        self.pairs = parse_pairs(cfg.pairs)
+        self.student_points = tuple(s for s, _ in self.pairs)
+        self.teacher_points = tuple(t for _, t in self.pairs)
+        s_shapes = ctx.feature_shapes("student", self.student_points)
+        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.connectors = nn.ModuleDict()  # key: index of the pair, for pairs whose channels differ
+        for i, (s, t) in enumerate(self.pairs):
+            if len(s_shapes[s]) != 3 or len(t_shapes[t]) != 3:
+                raise FeatkdError(f"student {s!r} {s_shapes[s]} and teacher {t!r} {t_shapes[t]}: PKD needs "
+                                  "feature maps of shape (C, H, W)")
+            c_s, c_t = s_shapes[s][0], t_shapes[t][0]
+            if c_s == c_t:
+                continue
+            if cfg.connector == "none":
+                raise FeatkdError(f"student {s!r} has {c_s} channels and teacher {t!r} {c_t}: PKD compares channel "
+                                  "by channel; set method.connector: conv1x1 to map the student's channels")
+            self.connectors[str(i)] = conv1x1_connector(c_s, c_t, batchnorm=False)
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        total = 0.0
+        for i, (s, t) in enumerate(self.pairs):
+            fs = batch.student_features[s]
+            if str(i) in self.connectors:
+                fs = self.connectors[str(i)](fs)
+            total = total + pkd_loss(fs, batch.teacher_features[t], self.cfg.resize_student)
+        return {"pkd": self.cfg.weight * total}
