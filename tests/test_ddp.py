@@ -1,12 +1,17 @@
-"""Real ``torchrun --nproc_per_node=2`` runs (gloo on CPU) against single-process runs."""
+"""Real ``torchrun`` runs (gloo on CPU) against single-process runs: two processes on one node, two nodes
+(agents) on one machine, and an elastic job that is stopped by SIGTERM and SIGKILLed and restarted by torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +29,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 DDP_TOLERANCE = 1e-4
 
 
-def config(tmp_path: Path, model: str, name: str, epochs: int = 3) -> Path:
+def config(tmp_path: Path, model: str, name: str, epochs: int = 6) -> Path:
     raw = {
         "name": name,
         "data": {"dataset": "digits", "batch_size": 64},
@@ -45,16 +50,21 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX system")
-def test_two_process_gloo_run_equals_single_process_without_batchnorm(tmp_path):
-    cfg = config(tmp_path, "plaincnn", "nobn")
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run([sys.executable, "-m", "featkd", "train", str(cfg), "--out", str(single)])
-    proc = run([*TORCHRUN, "-m", "featkd", "train", str(cfg), "--out", str(ddp)])
-    # only rank 0 writes: exactly one set of outputs, one checkpoint
-    assert sorted(p.name for p in ddp.glob("*.pt")) == ["best.pt", "last.pt", "student.pt"]
-    assert proc.stdout.count("done: test_acc") == 1
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_nobn(tmp_path_factory) -> Path:
+    """The single-process run of the BatchNorm-free config that the torchrun runs below must equal."""
+    tmp = tmp_path_factory.mktemp("single")
+    run([sys.executable, "-m", "featkd", "train", str(config(tmp, "plaincnn", "nobn")), "--out", str(tmp / "run")])
+    return tmp / "run"
+
+
+def assert_equals_single(single: Path, ddp: Path) -> None:
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     a = torch.load(single / "student.pt", weights_only=True)
@@ -64,6 +74,108 @@ def test_two_process_gloo_run_equals_single_process_without_batchnorm(tmp_path):
     assert diff < DDP_TOLERANCE
     s_single = json.loads((single / "summary.json").read_text())
     assert abs(summary["test_acc"] - s_single["test_acc"]) <= 100 / 450 + 1e-9  # at most one test image
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX system")
+def test_two_process_gloo_run_equals_single_process_without_batchnorm(tmp_path, single_nobn):
+    cfg = config(tmp_path, "plaincnn", "nobn")
+    ddp = tmp_path / "ddp"
+    proc = run([*TORCHRUN, "-m", "featkd", "train", str(cfg), "--out", str(ddp)])
+    # only rank 0 writes: exactly one set of outputs, one checkpoint (and the previous one)
+    assert sorted(p.name for p in ddp.glob("*.pt")) == ["best.pt", "last.prev.pt", "last.pt", "student.pt"]
+    assert proc.stdout.count("done: test_acc") == 1
+    assert_equals_single(single_nobn, ddp)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_equal_the_single_process_run(tmp_path, single_nobn):
+    """Two torchrun agents (one process each) meeting at a c10d rendezvous on 127.0.0.1: a global batch of
+    64 over 2 nodes x 1 process gives the single-process run."""
+    cfg = config(tmp_path, "plaincnn", "nobn")
+    port, out = free_port(), tmp_path / "ddp"
+
+    def agent(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               f"--rdzv-id=featkd-test-{port}", f"--rdzv-conf=is_host={int(rank == 0)}", "--local-addr=127.0.0.1",
+               "-m", "featkd", "train", str(cfg), "--out", str(out)]
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    agents = [agent(0), agent(1)]
+    try:
+        outputs = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    for a, (stdout, stderr) in zip(agents, outputs, strict=True):
+        assert a.returncode == 0, f"{stdout[-2000:]}\n{stderr[-4000:]}"
+    assert "".join(o for o, _ in outputs).count("done: test_acc") == 1  # one rank 0 in the whole job
+    assert_equals_single(single_nobn, out)
+
+
+def _workers(agent_pid: int) -> dict[int, int]:
+    """``{RANK: pid}`` of a torchrun agent's worker processes (its children with RANK in their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0") if ppid == agent_pid else []
+        except (OSError, IndexError, ValueError):
+            continue
+        for var in env:
+            if var.startswith(b"RANK="):
+                found[int(var[5:])] = int(entry.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_elastic_job_stopped_by_sigterm_and_sigkilled_is_restarted_and_equals_single_process(tmp_path,
+                                                                                            single_nobn):
+    """``torchrun --max-restarts=2 ... --resume auto``: SIGTERM to rank 1 mid-epoch stops *both* ranks at the
+    same step (mid-epoch checkpoint, exit 143), torchrun restarts them and they resume at that step; then
+    SIGKILL of rank 0 mid-epoch (its lock left behind, the step lost) and a second restart from the last
+    checkpoint. The job finishes with the student of the uninterrupted single-process run."""
+    cfg = config(tmp_path, "plaincnn", "nobn")
+    out = tmp_path / "ddp"
+    cmd = [*TORCHRUN, "--max-restarts=2", "--monitor-interval=0.2", "-m", "featkd", "train", str(cfg),
+           "--out", str(out), "--resume", "auto"]
+    # restarted workers must not share the agent's rendezvous store (stale addresses: pytorch/pytorch#135712)
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(agent.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(predicate, what: str, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while not any(predicate(x) for x in list(lines)):
+            assert agent.poll() is None and time.time() < deadline, f"no {what}:\n{''.join(lines)[-4000:]}"
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda x: x.startswith("epoch 1/"), "first epoch")
+        os.kill(_workers(agent.pid)[1], signal.SIGTERM)
+        wait_for(lambda x: "resumed from" in x and "at step" in x, "resume at the stopped step")
+        wait_for(lambda x: x.startswith("epoch 3/"), "epoch after the first restart")
+        os.kill(_workers(agent.pid)[0], signal.SIGKILL)
+        agent.wait(timeout=300)
+        reader.join(timeout=10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    log = "".join(lines)
+    assert agent.returncode == 0, log[-4000:]
+    stops = [x for x in lines if x.startswith("stopped by SIGTERM at step ")]
+    assert len(stops) == 1, log[-4000:]
+    state_line = stops[0].split(" at step ")[1].split(" (")[0]  # "k/21 of epoch 2"
+    assert f"at step {state_line}" in log.split(stops[0], 1)[1]  # the restart resumed at that very step
+    assert "took over the stale lock" in log and log.count("done: test_acc") == 1
+    assert_equals_single(single_nobn, out)
 
 
 @pytest.mark.slow

@@ -1,4 +1,10 @@
-"""``featkd train CONFIG [--set key=value ...] [--epochs N] [--out DIR] [--resume]``."""
+"""``featkd train CONFIG [--set key=value ...] [--epochs N] [--out DIR] [--resume [auto]]``.
+
+Exit status: 0 when the run ends (finished, or stopped by ``train.stop_after``); 2 for a user error (one line,
+also a checkpoint that cannot be written, or a folder that another live run holds); 128 + the signal's number
+when a stop signal ended it after writing a mid-epoch checkpoint (143 for SIGTERM, 138 for SIGUSR1: as if killed
+by it, so schedulers and ``torchrun`` see a preempted job); 1 for a bug (traceback).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="shortcut for --set data.data_dir=PATH")
     p.add_argument("--device", help="shortcut for --set train.device=DEVICE (auto, cpu, cuda, cuda:N)")
     p.add_argument("--out", help="run folder (default: runs/<config name>, a fresh one if it exists)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the run in --out from its last good checkpoint; --resume auto: the same when "
+                        "--out holds one, else start fresh (for torchrun --max-restarts)")
+
+
+def _resume_mode(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {value!r} (put CONFIG before --resume)")
+    return value
 
 
 def shortcut_overrides(args: argparse.Namespace) -> list[str]:
@@ -63,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         with open(out / "command.txt", "a") as f:
             f.write(" ".join([launcher, *map(shlex.quote, sys.argv[1:])]) + "\n")
     result = trainer.fit()
+    if result.stop_signal is not None:  # preempted: the one line was printed, last.pt holds the step
+        return 128 + result.stop_signal
     if result.test_metric is not None and os.environ.get("RANK", "0") == "0":
         print(f"done: test_{result.metric} {result.test_metric:.2f} after {result.epochs} epochs "
               f"({result.train_seconds:.1f}s); outputs in {out}")

@@ -9,6 +9,10 @@ A training checkpoint (``last.pt`` / ``best.pt``) is a dict of tensors and plain
 
 The exported student (``student.pt``) is a plain ``state_dict`` of the unmodified student model, loadable
 without featkd: ``model.load_state_dict(torch.load("student.pt", weights_only=True))``.
+
+Weights to load into a model (a config's ``checkpoint:``) may be a run folder (its ``student.pt``, else
+``last.pt``), a featkd training checkpoint (its student), a plain ``state_dict`` file (or one under a
+``"state_dict"`` key), or a ``.safetensors`` file (optional ``safetensors`` package): :func:`load_state_dict`.
 """
 
 from __future__ import annotations
@@ -75,9 +79,48 @@ def model_state_from(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     raise FeatkdError(f"{str(path)!r} holds neither a state_dict nor a featkd checkpoint")
 
 
+def weights_path(path: str | Path) -> Path:
+    """The weights file of ``path``: a run folder's ``student.pt`` (else its ``last.pt``), or ``path`` itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("student.pt", "last.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise FeatkdError(f"{str(path)!r} is a folder without student.pt or last.pt (not a featkd run folder)")
+
+
+def load_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (needs the optional ``safetensors`` package)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatkdError(f"{what} {str(path)!r} not found")
+    try:
+        from safetensors.torch import load_file as load_tensors
+    except ImportError:
+        raise FeatkdError(f"{what} {str(path)!r}: reading .safetensors files needs the safetensors package: "
+                          "pip install safetensors") from None
+    try:
+        return load_tensors(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise FeatkdError(f"{what} {str(path)!r} cannot be read ({_first_line(exc)})") from None
+
+
+def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A model state_dict from a run folder, a featkd checkpoint, a plain state_dict or a .safetensors file."""
+    path = weights_path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, what)
+    return model_state_from(load_file(path, what), path)
+
+
 def load_model_weights(model: nn.Module, path: str | Path, what: str = "weights") -> None:
-    """Load a state_dict (plain, or the student of a featkd checkpoint) into ``model``, strictly."""
-    state = model_state_from(load_file(path, what), path)
+    """Load weights (any file :func:`load_state_dict` reads) into ``model``, strictly.
+
+    A mismatch raises :class:`FeatkdError` naming how many keys are missing / unexpected and the first ones.
+    """
+    state = load_state_dict(path, what)
+    path = weights_path(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatches
@@ -85,11 +128,16 @@ def load_model_weights(model: nn.Module, path: str | Path, what: str = "weights"
         raise FeatkdError(f"{what} {str(path)!r} does not fit {type(model).__name__}: {detail[:300]}") from None
     if missing or unexpected:
         parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                more = f" (first {', '.join(keys[:3])})" if len(keys) > 3 else f" ({', '.join(keys)})"
+                parts.append(f"{len(keys)} {label} key{'s' if len(keys) > 1 else ''}{more}")
         raise FeatkdError(f"{what} {str(path)!r} does not fit {type(model).__name__}: {'; '.join(parts)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -44,6 +45,11 @@ def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        if rank == 0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and \
+                os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            print("featkd: warning: torchrun restarted the workers on the rendezvous store it shares with them, "
+                  "where the last attempt's addresses may still be read (pytorch/pytorch#135712); start torchrun "
+                  "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 if joining the process group fails", file=sys.stderr)
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)

@@ -18,7 +18,12 @@ Under DDP the *student and the distiller* are wrapped together, so the distiller
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from featkd.config import ExperimentConfig, dump_yaml
 from featkd.engine import checkpoint as ckpt
+from featkd.engine import runfolder
 from featkd.engine.build import build_run
 from featkd.engine.distributed import gather_objects
 from featkd.engine.logging import MetricsWriter, format_epoch, progress, write_json
@@ -42,8 +48,22 @@ from featkd.methods.base import Batch, Distiller, RunContext
 #: config keys that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {
     "train.epochs", "train.stop_after", "train.progress", "train.tensorboard", "train.device", "train.num_threads",
-    "train.eval_every", "data.num_workers", "data.data_dir", "data.eval_batch_size", "name",
+    "train.eval_every", "train.checkpoint_every_steps", "data.num_workers", "data.data_dir",
+    "data.eval_batch_size", "name",
 }
+
+#: signals that stop a run cleanly (SLURM sends SIGUSR1 before its kill when asked to, schedulers SIGTERM):
+#: the step in progress finishes, a mid-epoch last.pt is written, one line is printed, and ``featkd train``
+#: exits with 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1), as if killed by it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else (signal.SIGTERM,)
+
+
+class _Preempted(Exception):
+    """Raised inside the loop once every rank agreed to stop at a step boundary (not a user error)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class TrainStep(nn.Module):
@@ -55,12 +75,12 @@ class TrainStep(nn.Module):
         self.distiller = distiller
 
     def forward(
-        self, x: Tensor, y: Tensor, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        s_out, s_feats = self.student(x)
-        s_logits = self.distiller.task.logits(s_out)
+        self, x: Tensor, y: Any, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int
+    ) -> tuple[dict[str, Tensor], Any]:
+        s_logits, s_feats, task_losses = self.distiller.task.forward_student(self.student, x, y)
         batch = Batch(inputs=x, targets=y, student_logits=s_logits, student_features=s_feats,
-                      teacher_logits=t_logits, teacher_features=t_feats, epoch=epoch, step=step)
+                      teacher_logits=t_logits, teacher_features=t_feats, epoch=epoch, step=step,
+                      task_losses=task_losses)
         return self.distiller(batch), s_logits
 
 
@@ -81,6 +101,7 @@ class RunResult:
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
+    stop_signal: int | None = None  # status "preempted": the signal that stopped the run
 
     def _if_acc(self, value: float | None) -> float | None:
         return value if self.metric == "acc" else None
@@ -106,6 +127,10 @@ class RunResult:
         return out
 
 
+def _warn(message: str) -> None:
+    print(f"featkd: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(old) | set(new)):
@@ -124,16 +149,24 @@ class Trainer:
     Args:
         cfg: a validated experiment config.
         out_dir: where rank 0 writes checkpoints and metrics (``None``: write nothing).
-        resume: continue from ``out_dir/last.pt`` exactly where it stopped.
+        resume: continue from ``out_dir/last.pt`` exactly where it stopped (``last.prev.pt`` if ``last.pt`` is
+            unreadable); ``"auto"``: the same when the folder holds a checkpoint, else start fresh.
         log: where progress lines go (rank 0 only).
     """
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, resume: bool = False,
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, resume: bool | str = False,
                  log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         tc = cfg.train
         # ---- everything that can fail on bad input happens before anything is written -------------------
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._lock = runfolder.RunLock(self.out_dir) if self.out_dir is not None else None
+        self._resumed_from: Path | None = None
+        self._rotate = True  # keep the previous last.pt as last.prev.pt (not when last.pt was found corrupt)
+        self._partial: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
+        self._saved_at: str | None = None  # where the folder's last.pt stands (for error messages)
+        self._stop_signal = 0  # set by a stop signal's handler (this rank)
+        self._stop_agreed = False  # some rank got one: all-reduced with the finite check of every step
         resume_state = self._check_out_dir(resume)
         self.run = run = build_run(cfg, log)
         self.log = run.log
@@ -177,29 +210,37 @@ class Trainer:
             self._load_state(resume_state)
         self.writer: MetricsWriter | None = None
         if self.out_dir is not None and self.dist.is_main:
+            self._lock.acquire(self.log)  # creates the folder; refuses if a live run took it meanwhile
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
             self.writer = MetricsWriter(self.out_dir, tc.tensorboard, self.log)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------
-    def _check_out_dir(self, resume: bool) -> dict | None:
+    def _check_out_dir(self, resume: bool | str) -> dict | None:
+        if resume not in (False, True, "auto"):
+            raise FeatkdError(f"resume: expected true, false or 'auto', got {resume!r}")
         if self.out_dir is None:
             if resume:
                 raise FeatkdError("--resume needs --out DIR (the run folder holding last.pt)")
             return None
-        last = self.out_dir / "last.pt"
+        main = os.environ.get("RANK", "0") == "0"  # no process group yet; rank 0 alone locks and warns
+        if main:
+            self._lock.check()  # a live run holds the folder: refuse before anything is built or written
+        last = self.out_dir / runfolder.LAST
         if resume:
-            if not last.is_file():
+            found = runfolder.load_resumable(self.out_dir, _warn if main else lambda _m: None)
+            if found is None:
+                if resume == "auto":
+                    return None
                 raise FeatkdError(f"cannot resume: {last} not found")
-            state = ckpt.load_file(last)
-            if not ckpt.is_training_checkpoint(state):
-                raise FeatkdError(f"cannot resume: {last} is not a featkd training checkpoint")
+            state, path = found
             changed = [k for k in _config_differences(state["config"], self.cfg.to_dict())
                        if k not in RESUMABLE_CHANGES]
             if changed:
-                raise ConfigError(f"cannot resume {last}: the config differs in {', '.join(changed[:5])}")
+                raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed[:5])}")
+            self._resumed_from, self._rotate, self._saved_at = path, path == last, runfolder.describe(state)
             return state
-        if last.exists():
+        if last.exists() or runfolder.previous_path(last).exists():
             raise FeatkdError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it "
                               "or choose another --out")
         return None
@@ -223,7 +264,18 @@ class Trainer:
         rng = state["rng"]
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
-        self.log(f"resumed from {self.out_dir / 'last.pt'} after epoch {self.start_epoch}")
+        batch = int(state.get("batch", 0))
+        if batch:  # a mid-epoch checkpoint: this rank's sums of the epoch so far and its rank-local buffers
+            partial = state["partial"]
+            if len(partial) != self.dist.world_size:
+                raise FeatkdError(f"{self._resumed_from} was written mid-epoch by {len(partial)} process(es); "
+                                  f"resume it with {len(partial)} (this run has {self.dist.world_size})")
+            self._partial = {"epoch": self.start_epoch, "batch": batch, **partial[self.dist.rank]}
+            for name, value in self._partial["rank_local"].items():
+                self.distiller.get_buffer(name).copy_(value)
+        where = f"at step {batch}/{self.steps_per_epoch} of epoch {self.start_epoch + 1}" if batch else \
+            f"after epoch {self.start_epoch}"
+        self.log(f"resumed from {self._resumed_from} {where}")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.run.autocast()
@@ -237,7 +289,33 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        """Run the remaining epochs; returns the final numbers (rank 0's view)."""
+        """Run the remaining epochs; returns the final numbers (rank 0's view).
+
+        A stop signal (:data:`STOP_SIGNALS`) ends the run after the step in progress with a mid-epoch
+        ``last.pt`` and status ``preempted``; the run folder's lock is released however the run ends.
+        """
+        handlers = self._install_stop_handlers()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            if self._lock is not None:
+                self._lock.release()
+
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """Stop signals set a flag that the loop reads at the next step. Repeats change nothing: under torchrun a
+        worker often gets the scheduler's SIGTERM and then the agent's, and must still write its checkpoint
+        (the agent waits 30 s before SIGKILL)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signals reach the main thread only; a run in another thread is not preemptible
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = self._stop_signal or signum
+
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    def _fit(self) -> RunResult:
         cfg, tc = self.cfg, self.cfg.train
         ctx = self.context()
         teacher_acc = None
@@ -251,11 +329,16 @@ class Trainer:
         start = time.perf_counter()
         status = "finished"
         end = min(tc.epochs, tc.stop_after) if tc.stop_after else tc.epochs
+        stop_signal = None
         try:
             for epoch in range(self.start_epoch, end):
                 self._train_epoch(epoch, ctx)
+                if self._stop_agreed and epoch + 1 < end:  # asked during the epoch's last step or after it
+                    self._stop(epoch + 1, 0)
             if end < tc.epochs:
                 status = "stopped"
+        except _Preempted as exc:
+            status, stop_signal = "preempted", exc.signum
         except DivergenceError as exc:
             status = "diverged"
             self._write_summary(status, teacher_acc, time.perf_counter() - start, str(exc))
@@ -266,29 +349,38 @@ class Trainer:
         train_seconds = time.perf_counter() - start + sum(
             r.get("epoch_time", 0.0) for r in self.history[: self.start_epoch])
         result = self._write_summary(status, teacher_acc, train_seconds)
-        if self.out_dir is not None and self.dist.is_main:
-            ckpt.atomic_save(self.student.state_dict(), self.out_dir / "student.pt")
+        result.stop_signal = stop_signal
+        if self.out_dir is not None and self.dist.is_main and stop_signal is None:
+            self._save(ckpt.atomic_save, self.student.state_dict(), self.out_dir / "student.pt")
         return result
 
     def _train_epoch(self, epoch: int, ctx: RunContext) -> None:
         tc = self.cfg.train
         t0 = time.perf_counter()
         self.train_loader.set_epoch(epoch)
-        self.distiller.on_epoch_start(epoch, ctx)
+        partial, self._partial = self._partial, None  # set when resuming a mid-epoch checkpoint
+        if partial is None:  # else the hook ran before that checkpoint (its effects are in the distiller state)
+            self.distiller.on_epoch_start(epoch, ctx)
         self.student.train()
         sums: dict[str, Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen: Tensor | int = 0
-        batches = progress(self.train_loader, len(self.train_loader), f"epoch {epoch + 1}/{tc.epochs}",
-                           tc.progress, self.dist.is_main)
-        for x, y in batches:
+        first = 0
+        if partial is not None:
+            first, sums, correct, seen, t0 = self._restore_partial(partial, t0)
+        # a mid-epoch resume replays the epoch's order and augmentation from its batch `first` on
+        batches = progress(itertools.islice(self.train_loader, first, None), len(self.train_loader) - first,
+                           f"epoch {epoch + 1}/{tc.epochs}", tc.progress, self.dist.is_main)
+        for done, (x, y) in enumerate(batches, start=first + 1):
             losses, s_logits = self.train_step(x, y, epoch)
             self.distiller.on_step_end(self.global_step - 1, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            hits, counted = self.task.train_counts(s_logits, y)
-            correct += hits
-            seen += counted
+            counts = self.task.train_counts(s_logits, y)
+            if counts is not None:  # a task without a training metric (detection) returns None
+                correct += counts[0]
+                seen += counts[1]
+            self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
         self.history.append(record)
@@ -296,7 +388,7 @@ class Trainer:
         eval_metrics = tuple(m for m in self.task.logged_metrics if m != "loss")
         self.log(format_epoch(record, tc.epochs, self.task.train_metric, eval_metrics))
 
-    def train_step(self, x: Tensor, y: Tensor, epoch: int) -> tuple[dict[str, Tensor], Tensor]:
+    def train_step(self, x: Tensor, y: Any, epoch: int) -> tuple[dict[str, Tensor], Any]:
         """One optimiser step on batch ``(x, y)``: forward both nets, losses, checks, backward, update.
 
         Returns the (weighted) loss terms and the student's logits. Distiller hooks are not called here.
@@ -307,8 +399,7 @@ class Trainer:
             t_logits, t_feats = None, {}
             if self.teacher_capture is not None:
                 with torch.no_grad():
-                    t_out, t_feats = self.teacher_capture(x)
-                    t_logits = self.task.logits(t_out)
+                    t_logits, t_feats = self.task.forward_teacher(self.teacher_capture, x)
             losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step)
         total = sum(losses.values())
         self._check_finite(total, losses, epoch, step)
@@ -323,16 +414,22 @@ class Trainer:
         return losses, s_logits
 
     def _check_finite(self, total: Tensor, losses: dict[str, Tensor], epoch: int, step: int) -> None:
-        value = total.detach().float().reshape(1)
-        if self.dist.enabled:  # every rank must stop together, or the others wait forever in all-reduce
-            value = self.dist.all_reduce_sum(value.clone())
-        if math.isfinite(value.item()):
+        # [loss, stop signal] in one all-reduce: every rank must stop together (on a NaN, or when any rank got a
+        # stop signal), or the others wait forever in the next collective
+        value = torch.stack([total.detach().float().reshape(()),
+                             torch.tensor(float(self._stop_signal), device=total.device)])
+        if self.dist.enabled:
+            value = self.dist.all_reduce_sum(value)
+        loss, stop = value.tolist()
+        self._stop_agreed = stop > 0
+        value = value[:1]
+        if math.isfinite(loss):
             return
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()] or ["total"]
         where = f"epoch {epoch + 1}, step {step - epoch * self.steps_per_epoch + 1} (iteration {step + 1})"
         kept = ""
         if self.out_dir is not None and (self.out_dir / "last.pt").exists():
-            kept = f"; the last good checkpoint {self.out_dir / 'last.pt'} (epoch {len(self.history)}) is kept"
+            kept = f"; the last good checkpoint {self.out_dir / 'last.pt'} ({self._saved_at}) is kept"
         raise DivergenceError(f"loss term {', '.join(repr(b) for b in bad)} became "
                               f"{'nan' if math.isnan(value.item()) else 'inf'} at {where}{kept}; "
                               "lower optim.lr or the method's weights, or set optim.grad_clip")
@@ -349,7 +446,8 @@ class Trainer:
         terms = {f"train_{k}": stats[i].item() / steps for i, k in enumerate(keys)}
         record["train_loss"] = sum(terms.values())
         record.update(terms)
-        record[f"train_{self.task.train_metric}"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
+        if self.task.train_metric is not None:
+            record[f"train_{self.task.train_metric}"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
         tc = self.cfg.train
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 in (tc.epochs, tc.stop_after):
             self._sync_student_buffers()
@@ -358,7 +456,8 @@ class Trainer:
                 record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
         record.update(self.distiller.metrics())
         record["epoch_time"] = seconds
-        record["train_images_per_s"] = stats[-1].item() / max(seconds, 1e-9)
+        # every step takes one full global batch (drop_last); counted this way for every task (not metric counts)
+        record["train_images_per_s"] = self.steps_per_epoch * self.cfg.data.batch_size / max(seconds, 1e-9)
         return record
 
     def _sync_student_buffers(self) -> None:
@@ -378,17 +477,85 @@ class Trainer:
         improved = monitor is not None and (self.best is None or monitor > self.best)
         if improved:
             self.best = monitor
-        state = {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epoch + 1, "step": self.global_step,
-            "student": self.student.state_dict(), "distiller": self.distiller.state_dict(),
+        state = self._state(epoch + 1, rng)
+        self._save_last(state)
+        if improved and self.cfg.train.save_best:
+            self._save(runfolder.save_checkpoint, state, self.out_dir / "best.pt")
+        if self.writer is not None:
+            self.writer.write(self.history)
+
+    def _state(self, epochs_done: int, rng: list) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epochs_done, "step": self.global_step,
+            "batch": 0, "student": self.student.state_dict(), "distiller": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng, "config": self.cfg.to_dict(), "history": self.history, "best": self.best,
         }
-        ckpt.atomic_save(state, self.out_dir / "last.pt")
-        if improved and self.cfg.train.save_best:
-            ckpt.atomic_save(state, self.out_dir / "best.pt")
-        if self.writer is not None:
-            self.writer.write(self.history)
+
+    def _save_last(self, state: dict[str, Any]) -> None:
+        """``last.pt`` with checksum; the one it replaces becomes ``last.prev.pt`` (see :mod:`runfolder`)."""
+        self._save(runfolder.save_checkpoint, state, self.out_dir / runfolder.LAST, keep_previous=self._rotate)
+        self._rotate = True
+        self._saved_at = runfolder.describe(state)
+
+    def _save(self, save: Callable[..., None], obj: Any, path: Path, **kw: Any) -> None:
+        """``save(obj, path)``; a write that fails (no space, a file-size limit) is one line naming what is kept."""
+        try:
+            save(obj, path, **kw)
+        except OSError as exc:
+            last = self.out_dir / runfolder.LAST
+            kept = (f"{last} ({self._saved_at}) and the metrics are kept, continue with --resume"
+                    if self._saved_at else "no checkpoint was written")
+            raise FeatkdError(f"cannot write {path} ({exc.strerror or exc}); {kept}") from None
+
+    # ---- mid-epoch checkpoints and stops ---------------------------------------------------------------
+    def _step_boundary(self, epoch: int, done: int, sums: dict[str, Tensor], correct: Tensor,
+                       seen: Tensor | int, t0: float) -> None:
+        """After step ``done`` (1-based) of ``epoch``: a mid-epoch checkpoint when due (every
+        ``train.checkpoint_every_steps`` steps, or a stop signal that every rank now knows of), then the stop.
+        The epoch's last step is left to the epoch's own checkpoint (the stop follows it, in :meth:`fit`)."""
+        if done >= self.steps_per_epoch:
+            return
+        every = self.cfg.train.checkpoint_every_steps
+        if self._stop_agreed or (every > 0 and self.global_step % every == 0):
+            self._checkpoint_mid_epoch(epoch, done, sums, correct, seen, time.perf_counter() - t0)
+        if self._stop_agreed:
+            self._stop(epoch, done)
+
+    def _checkpoint_mid_epoch(self, epoch: int, done: int, sums: dict[str, Tensor], correct: Tensor,
+                              seen: Tensor | int, seconds: float) -> None:
+        """``last.pt`` after ``done`` steps of ``epoch``: the usual state plus, per rank, the epoch's sums so far,
+        its elapsed time and the method's rank-local buffers (collectives: every rank takes part)."""
+        local = {
+            "sums": {k: v.detach().cpu() for k, v in sums.items()}, "correct": correct.detach().cpu(),
+            "seen": seen.detach().cpu() if isinstance(seen, Tensor) else seen, "seconds": seconds,
+            "rank_local": {b: self.distiller.get_buffer(b).detach().cpu()
+                           for b in self.run.method_cls.rank_local_buffers},
+        }
+        partial = gather_objects(local, self.dist)
+        rng = gather_objects(ckpt.rng_state(), self.dist)
+        if self.out_dir is None or not self.dist.is_main:
+            return
+        state = self._state(epoch, rng)
+        state.update(batch=done, partial=partial)
+        self._save_last(state)
+
+    def _restore_partial(self, partial: dict[str, Any], t0: float) -> tuple[int, dict[str, Tensor], Tensor,
+                                                                           Tensor | int, float]:
+        """The epoch accumulators of a mid-epoch checkpoint: (steps done, sums, correct, seen, shifted t0)."""
+        seen = partial["seen"]
+        return (int(partial["batch"]), {k: v.to(self.device) for k, v in partial["sums"].items()},
+                partial["correct"].to(self.device), seen.to(self.device) if isinstance(seen, Tensor) else seen,
+                t0 - float(partial["seconds"]))
+
+    def _stop(self, epochs_done: int, batch: int) -> None:
+        """Say where the run stopped and leave the loop (every rank reaches this at the same step)."""
+        signum = self._stop_signal or int(signal.SIGTERM)  # a rank without a signal of its own follows the others
+        where = (f"at step {batch}/{self.steps_per_epoch} of epoch {epochs_done + 1}" if batch
+                 else f"after epoch {epochs_done}")
+        saved = f"; {self.out_dir / runfolder.LAST} holds it, continue with --resume" if self.out_dir else ""
+        self.log(f"stopped by {signal.Signals(signum).name} {where} (iteration {self.global_step}){saved}")
+        raise _Preempted(signum)
 
     def _write_summary(self, status: str, teacher_acc: float | None, seconds: float,
                        message: str = "") -> RunResult:

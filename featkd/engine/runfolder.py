@@ -1,0 +1,280 @@
+"""A run folder that survives faults: checkpoints that cannot be lost, and one run per folder.
+
+Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`, :func:`load_resumable`):
+
+* every training checkpoint carries ``"checksum"``: the SHA-256 of its payload (every tensor's dtype, shape
+  and bytes, every plain value, in sorted key order; :func:`payload_digest`), verified on load, so a file
+  that still unpickles but whose bytes changed (a bad disk, a partial copy) is refused like a truncated one;
+* ``last.pt`` is written to a temporary file and fsynced first; then the current ``last.pt`` is hard-linked
+  to ``last.prev.pt`` (the previous good checkpoint, replaced by one rename) and the new file renamed over
+  ``last.pt``. At every instant both names hold complete checkpoints, and a save that fails (no space, a
+  file-size limit) leaves both as they were and removes its temporary file;
+* a resume reads ``last.pt`` and, when it is truncated, corrupt or missing, falls back to ``last.prev.pt``
+  with a one-line warning.
+
+One run per folder (:class:`RunLock`): rank 0 holds ``DIR/run.lock`` (JSON: pid, host, start time) with an
+exclusive ``flock`` for the whole run. The kernel drops the lock when the process dies, however it dies, so
+a lock file left by a killed run is stale by construction: the next run takes it over and says whose it was.
+A second run on a folder that a live run holds is refused with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from featkd.engine import checkpoint as ckpt
+from featkd.errors import FeatkdError
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LAST = "last.pt"
+PREVIOUS = "last.prev.pt"
+LOCK = "run.lock"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checksums and the rotating save
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"{key!r}=".encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):  # one tag: a round trip must not change the digest
+        h.update(f"L{len(obj)};".encode())
+        for item in obj:
+            _feed(h, item)
+    else:  # str, int, float (repr is exact), bool, None
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def payload_digest(state: Any) -> str:
+    """SHA-256 hex digest of a checkpoint payload (see the module docstring); independent of file layout."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def previous_path(path: Path) -> Path:
+    """``last.pt`` -> ``last.prev.pt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened / synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Writes:
+    """A file's ``write``/``flush`` for ``torch.save`` that keeps the first ``OSError`` (ENOSPC, EFBIG)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_previous: bool = False) -> None:
+    """Write ``state`` + its checksum to ``path`` atomically; with ``keep_previous`` the file ``path`` held
+    before becomes ``previous_path(path)`` (atomically too). On failure (``OSError``: no space, a file-size
+    limit) the temporary file is removed and both files are as they were; the error propagates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**state, "checksum": payload_digest(state)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    link = None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(payload, out)
+            except Exception:
+                if out.error is not None:  # torch reports a failed write as a RuntimeError about positions
+                    raise out.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            link = path.with_name(f".{path.name}.prev.tmp")
+            link.unlink(missing_ok=True)
+            try:
+                os.link(path, link)  # no copy, no extra space
+            except OSError:  # a file system without hard links
+                shutil.copy2(path, link)
+            os.replace(link, previous_path(path))
+            link = None
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        if link is not None:
+            link.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A featkd training checkpoint, checksum verified (files written before checksums are accepted as is).
+
+    Raises :class:`FeatkdError` (one line) when the file is missing, unreadable, foreign or corrupt.
+    """
+    path = Path(path)
+    state = ckpt.load_file(path)
+    if not ckpt.is_training_checkpoint(state):
+        raise FeatkdError(f"{path} is not a featkd training checkpoint")
+    digest = state.pop("checksum", None)
+    if digest is not None and payload_digest(state) != digest:
+        raise FeatkdError(f"checkpoint {str(path)!r} is corrupt (its checksum does not match its contents)")
+    return state
+
+
+def describe(state: dict[str, Any]) -> str:
+    """Where a checkpoint stands: ``epoch 3`` or ``epoch 3, step 7 of epoch 4``."""
+    epochs, batch = int(state["epoch"]), int(state.get("batch", 0))
+    return f"epoch {epochs}" + (f", step {batch} of epoch {epochs + 1}" if batch else "")
+
+
+def load_resumable(folder: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """``(state, file)`` of the folder's last good checkpoint: ``last.pt``, else ``last.prev.pt`` (after a
+    one-line ``warn``); ``None`` when the folder holds neither. :class:`FeatkdError` when neither is usable."""
+    last, prev = folder / LAST, folder / PREVIOUS
+    if not last.exists() and not prev.exists():
+        return None
+    try:
+        return load_checkpoint(last), last
+    except FeatkdError as exc:
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except FeatkdError as exc_prev:
+            raise FeatkdError(f"cannot resume: {exc}; and {exc_prev}") from None
+        warn(f"{exc}; resuming from the previous checkpoint {prev} ({describe(state)})")
+        return state, prev
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run per folder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host")
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+
+
+class RunLock:
+    """The exclusive lock of a run folder (see the module docstring). Not re-entrant."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def check(self) -> None:
+        """Refuse (:class:`FeatkdError`) if a live run holds the folder; creates nothing."""
+        if fcntl is None or self.held or not self.path.is_file():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            self._try_lock(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _try_lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(_read_holder(self.path))
+            raise FeatkdError(f"{self.folder} is in use by a running featkd ({holder}, lock {self.path}); "
+                              "wait for it to end or choose another --out") from None
+
+    def acquire(self, log: Callable[[str], None]) -> None:
+        """Take the lock (creating the folder); says so when it takes over the lock of a dead run."""
+        if fcntl is None or self.held:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._try_lock(fd)
+                # the file may have been released (unlinked) between our open and our flock: lock the live name
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        old = _read_holder(self.path)
+        if old.get("pid") not in (None, os.getpid()):
+            log(f"took over the stale lock {self.path} of {_holder_text(old)} (that process is no longer running)")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (safe to call twice)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(fd)
+
+    def __del__(self) -> None:  # a Trainer that is dropped without fit() still frees its folder
+        with contextlib.suppress(Exception):
+            self.release()
