@@ -26,6 +26,7 @@ _LAZY = {
     "METHODS": "featkd.methods",
     "Distiller": "featkd.methods.base",
     "FeatkdError": "featkd.errors",
+    "Distillation": "featkd.api",
 }
 
 __all__ = [*_LAZY, "__version__"]

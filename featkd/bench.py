@@ -1,13 +1,14 @@
 """The benchmark runner behind ``featkd bench PROTOCOL``: a resumable grid of (method config x seed) runs.
 
-A protocol is a YAML file in ``benchmarks/protocols/`` (see ``benchmarks/README.md``)::
+A protocol is a YAML file in ``benchmarks/protocols/`` (shipped in the wheel: :mod:`featkd.resources`; see
+``benchmarks/README.md``)::
 
     name: data-limited
     description: ...
     seeds: 3
     reference: none            # the row every delta is measured against (no distillation)
     timing_reference: kd       # step-time ratios are taken against this row (Hinton KD)
-    methods:                   # row label -> experiment config (relative to the repository root)
+    methods:                   # row label -> experiment config (configs/...: the shipped example configs)
       none: configs/fashion-mnist-none-resnet8.yaml
       kd: configs/fashion-mnist-kd-resnet20-resnet8.yaml
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featkd import resources
 from featkd.errors import FeatkdError, did_you_mean
 
 
@@ -52,20 +54,33 @@ class Protocol:
     base: str | None = None
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
 def protocols_dir() -> Path:
-    return Path(os.environ.get("FEATKD_PROTOCOLS", repo_root() / "benchmarks" / "protocols"))
+    """$FEATKD_PROTOCOLS, else the shipped protocols (the repository's benchmarks/protocols/ in a clone)."""
+    return resources.protocols_dir()
+
+
+def protocol_file(ref: str, shipped: bool) -> Path | None:
+    """The resolved config file a protocol names, or None if there is none.
+
+    Paths are relative to featkd's shipped data (``configs/NAME.yaml``: the example configs, from a clone or
+    an installed wheel alike); a protocol given as a file (``shipped`` False) may also name files relative to
+    the current folder, which are looked for first.
+    """
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = ([] if shipped else [Path.cwd() / path]) + [resources.data_root() / path]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
 
 
 def load_protocol(name_or_path: str) -> Protocol:
-    """A protocol by name (``benchmarks/protocols/<name>.yaml``) or path, with its config paths checked."""
+    """A protocol by name (``benchmarks/protocols/<name>.yaml``) or path, with its config files resolved."""
     from featkd.config import from_dict, read_yaml
 
     path = Path(name_or_path)
-    if not path.suffix:
+    shipped = not path.suffix
+    if shipped:
         folder = protocols_dir()
         path = folder / f"{name_or_path}.yaml"
         if not path.is_file():
@@ -73,11 +88,17 @@ def load_protocol(name_or_path: str) -> Protocol:
             raise FeatkdError(f"unknown protocol {name_or_path!r}{did_you_mean(name_or_path, known)}; "
                               f"available: {', '.join(known) or 'none'} (in {folder})")
     protocol = from_dict(Protocol, read_yaml(path), "protocol")
-    if protocol.base and not (repo_root() / protocol.base).is_file():
-        raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found")
+    where = "in featkd's shipped data" if shipped else "in the current folder or featkd's shipped data"
+    if protocol.base:
+        base = protocol_file(protocol.base, shipped)
+        if base is None:
+            raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found ({where})")
+        protocol.base = str(base)
     for label, cfg in protocol.methods.items():
-        if not (repo_root() / cfg).is_file():
-            raise FeatkdError(f"protocol {protocol.name}: methods.{label}: config {cfg} not found")
+        found = protocol_file(cfg, shipped)
+        if found is None:
+            raise FeatkdError(f"protocol {protocol.name}: methods.{label}: config {cfg} not found ({where})")
+        protocol.methods[label] = str(found)
     if protocol.reference not in protocol.methods:
         raise FeatkdError(f"protocol {protocol.name}: reference {protocol.reference!r} is not one of its methods")
     return protocol
@@ -103,11 +124,11 @@ class Cell:
 def cell_config(protocol: Protocol, label: str, runs_dir: Path) -> str:
     """The config a row trains with: its own file, or (with ``protocol.base``) its method over the base."""
     if not protocol.base:
-        return str(repo_root() / protocol.methods[label])
+        return protocol.methods[label]
     from featkd.config import build_config, dump_yaml, load_raw, merge
 
-    own = load_raw(repo_root() / protocol.methods[label])
-    raw = merge(load_raw(repo_root() / protocol.base), {"name": f"{protocol.name}-{label}", "method": own["method"]})
+    own = load_raw(protocol.methods[label])
+    raw = merge(load_raw(protocol.base), {"name": f"{protocol.name}-{label}", "method": own["method"]})
     path = runs_dir / label / "input.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_yaml(build_config(raw)))  # validated now, so a bad row fails before any training
@@ -132,7 +153,7 @@ def run_cell(cell: Cell, extra: Sequence[str] = ()) -> tuple[Cell, int, str]:
     if (cell.out / "last.pt").is_file():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)  # in this folder, as cell.out is
     message = (proc.stderr.strip().splitlines() or [""])[-1]
     return cell, proc.returncode, message
 

@@ -2,8 +2,8 @@
 
 Each sub-command lives in ``featkd/commands/<name>.py`` with ``HELP`` (one line), ``add_arguments(parser)``
 and ``run(args)``; adding a file adds the command. Those modules import only argparse at the top (torch
-and the rest inside ``run``), so ``featkd --help`` starts fast. User errors (:class:`FeatkdError`) are
-printed as one line, ``featkd: error: ...``, with exit status 2.
+and the rest inside ``run``), so ``featkd --help`` and ``featkd --version`` start fast. User errors
+(:class:`FeatkdError`) are printed as one line, ``featkd: error: ...``, with exit status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from featkd.errors import FeatkdError
 
 #: the order of the first commands in ``featkd --help``; any other module in featkd/commands is listed after
-FIRST = ["train", "eval", "layers", "demo", "zoo"]
+FIRST = ["train", "eval", "layers", "demo", "configs", "zoo"]
 
 
 def discover_commands() -> dict[str, object]:
@@ -31,7 +31,10 @@ def discover_commands() -> dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from featkd import __version__
+
     parser = argparse.ArgumentParser(prog="featkd", description="Feature knowledge distillation for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"featkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in discover_commands().items():
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
@@ -52,6 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featkd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy a torch.distributed group the command joined: left to interpreter shutdown, gloo's threads
+    can abort the process after a finished run ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

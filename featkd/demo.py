@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featkd import resources
 from featkd.config import apply_overrides, build_config, load_raw
 from featkd.errors import FeatkdError, did_you_mean
 
@@ -32,14 +33,12 @@ PAIR_SUFFIX = "-resnet20-resnet8.yaml"
 
 
 def configs_dir() -> Path:
-    """$FEATKD_CONFIGS, the repository's configs/, or ./configs."""
-    candidates = [Path(os.environ["FEATKD_CONFIGS"])] if os.environ.get("FEATKD_CONFIGS") else []
-    candidates += [Path(__file__).resolve().parents[1] / "configs", Path.cwd() / "configs"]
-    for c in candidates:
-        if (c / BASELINE_CONFIG).is_file():
-            return c
-    raise FeatkdError(f"no demo configs found (looked for {BASELINE_CONFIG} in "
-                      f"{', '.join(map(str, candidates))}); run from the featkd repository or set FEATKD_CONFIGS")
+    """The demo's configs: $FEATKD_CONFIGS, else the shipped example configs (:mod:`featkd.resources`)."""
+    folder = resources.configs_dir()
+    if not (folder / BASELINE_CONFIG).is_file():
+        raise FeatkdError(f"no demo configs found ({BASELINE_CONFIG} is not in {folder})"
+                          + ("; FEATKD_CONFIGS points there" if os.environ.get("FEATKD_CONFIGS") else ""))
+    return folder
 
 
 def demo_configs() -> dict[str, Path]:
