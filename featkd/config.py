@@ -31,9 +31,10 @@ T = TypeVar("T")
 class ModelConfig:
     """A network: registry name, constructor options and optional weights to load."""
 
-    model: str = "resnet8"
+    model: str = "resnet8"  # a featkd model, torchvision:<name>, or package.module:callable (featkd.models.user)
     options: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None  # a state_dict / featkd checkpoint path, or "zoo:NAME"
+    # a run folder, student.pt / last.pt, a plain state_dict, a .safetensors file, or "zoo:NAME"
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TrainConfig:
     sync_batchnorm: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP (CUDA only)
     find_unused_parameters: bool = False  # DDP option, for methods with parameters unused in some steps
     eval_every: int = 1  # evaluate on the test split every N epochs (and always after the last)
+    # also write last.pt every N optimiser steps inside an epoch (0: at epoch ends only); resume continues there
+    checkpoint_every_steps: int = 0
     # tqdm bars on rank 0 (auto: when stderr is a terminal); YAML's bare on/off read as true/false, both accepted
     progress: Literal["auto", "on", "off"] | bool = "auto"
     tensorboard: bool = True  # write TensorBoard scalars when the tensorboard package is installed
@@ -317,8 +320,15 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``--set`` overrides and validate everything."""
+    """Read a YAML experiment file, apply ``--set`` overrides and validate everything.
+
+    The file's folder is searched for ``model: module:callable`` modules (after the working directory).
+    """
     raw = load_raw(path) if path is not None else {}
+    if path is not None:
+        from featkd.models.user import add_search_dir  # local: featkd.models imports the model files
+
+        add_search_dir(Path(path).parent)
     return build_config(apply_overrides(raw, overrides))
 
 

@@ -4,6 +4,11 @@ Works for classifiers and segmenters alike (``featkd layers torchvision:fcn_resn
 entries of dict outputs are listed as ``module[key]`` (``backbone[out]``), and in a model that does not
 trace as a whole the fx nodes of its traceable sub-modules are listed in their place.
 
+Points that are no per-example tensor (``x.shape`` / ``size`` / ``dim`` calls, ``assert``, ``eq`` on sizes, a
+module returning a tuple such as ``nn.MultiheadAttention``, reads of parameters and buffers such as a ViT's
+``class_token``: nothing a method can distil) are hidden unless ``--all`` is given; a line on stderr says how
+many.
+
 ``--groups`` shows instead the layer groups found from the model's graph and shapes (the blocks of each
 same-spatial-size stage, as DFA uses them; :mod:`featkd.groups`); with ``--student NAME`` also the
 student's groups and how the two are paired.
@@ -12,18 +17,23 @@ student's groups and how the two are paired.
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "list a model's capture points with their output shapes"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18")
+    p.add_argument("model", help="registry name, e.g. resnet20, mobilenetv2, torchvision:resnet18, or your own "
+                                 "package.module:callable (importable from the working directory)")
     p.add_argument("--input-shape", default="3,32,32", help="C,H,W of one example (default 3,32,32)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor option, e.g. --option width_mult=0.5 (repeatable)")
     p.add_argument("--filter", help="only names matching this regular expression")
     p.add_argument("--inputs", action="store_true", help="also list 'module:input' points")
+    p.add_argument("--all", action="store_true",
+                   help="also list the points that are no per-example tensor (sizes, asserts, getattr, eq, tuples, "
+                        "parameters)")
     p.add_argument("--kind", choices=["all", "module", "node"], default="all")
     p.add_argument("--groups", action="store_true",
                    help="show the layer groups (same-spatial-size blocks) instead of every point")
@@ -65,13 +75,25 @@ def run(args: argparse.Namespace) -> int:
     points = list_capture_points(model, shape, include_inputs=args.inputs)
     rows = [p for p in points if (args.kind == "all" or p.kind == args.kind)
             and (pattern is None or pattern.search(p.name))]
+    hidden = 0 if args.all else sum(not per_example(p) for p in rows)
+    if hidden:
+        rows = [p for p in rows if per_example(p)]
     width = max([len(p.name) for p in rows] + [4])
     op_width = max([len(p.op) for p in rows] + [18])
     print(f"{'name':<{width}}  {'kind':<6}  {'op':<{op_width}}  shape (per example, input {'x'.join(map(str, shape))})")
     for p in rows:
         dims = "x".join(map(str, p.shape)) if p.shape is not None else "-"
         print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<{op_width}}  {dims}")
+    if hidden:  # on stderr: stdout stays the table
+        print(f"({hidden} points that are no per-example tensor are hidden: sizes, asserts, getattr, tuples, "
+              "parameters...; --all lists them)", file=sys.stderr)
     return 0
+
+
+def per_example(point) -> bool:
+    """Whether a listed point is an activation a method can distil: a tensor computed from the input, not a
+    size, an assert, a tuple (``shape`` None) or a parameter / buffer read (an fx ``get_attr`` node, no op)."""
+    return point.shape is not None and not (point.kind == "node" and not point.op)
 
 
 def show_groups(args: argparse.Namespace, model, shape: tuple[int, int, int]) -> int:

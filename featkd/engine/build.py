@@ -5,14 +5,15 @@
 options, the distiller and the captures are built (and checked) the same way everywhere. Everything that
 can fail on bad input fails here, before anything is written. The order of construction is fixed (data,
 teacher, student, distiller), because each draws from the seeded RNG: the same config gives the same
-initial weights.
+initial weights. Its method half, :func:`method_options` and :func:`build_distiller`, is what the plain-loop
+API (:class:`featkd.api.Distillation`) calls with the user's own models.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from featkd.errors import ConfigError, FeatkdError
 from featkd.features import CapturingModel
 from featkd.methods import METHODS
 from featkd.methods.base import BuildContext, Distiller, DistillerConfig, DistInfo, RunContext
+from featkd.methods.common import expand_entry_pairs
 from featkd.models import create_model
 from featkd.tasks import Task, task_for
 from featkd.zoo import resolve_weights
@@ -97,12 +99,15 @@ class Run:
                 evaluator.update(self.task.logits(output), y)
         finally:
             model.train(was_training)
-        self.dist.all_reduce_sum(evaluator.state)
+        evaluator.reduce(self.dist)  # every rank: sums all-reduced, or (detection) predictions gathered
         return evaluator.result()
 
 
 def build_model(spec: ModelConfig, data: DataBundle, role: str) -> nn.Module:
     """Create a registry model sized for ``data`` and load its checkpoint if one is given."""
+    for key in ("num_classes", "in_channels"):
+        if key in spec.options:
+            raise ConfigError(f"{role}.options.{key}: set from the data set ({data.name}); remove the option")
     model = create_model(spec.model, num_classes=data.num_classes, in_channels=data.input_shape[0],
                          **spec.options)
     if spec.checkpoint:
@@ -111,12 +116,22 @@ def build_model(spec: ModelConfig, data: DataBundle, role: str) -> nn.Module:
 
 
 @torch.no_grad()
-def probe_output(model: nn.Module, example: Tensor) -> Any:
-    """The raw output of ``model`` on ``example`` in eval mode (train/eval mode restored after)."""
+def probe_output(model: nn.Module, example: Tensor, what: str = "") -> Any:
+    """The raw output of ``model`` on ``example`` in eval mode (train/eval mode restored after).
+
+    With ``what`` (e.g. ``"student 'nets:Student'"``), a forward that raises becomes a one-line
+    :class:`FeatkdError` naming it and the input shape (a user's model that expects other inputs).
+    """
     was_training = model.training
     model.eval()
     try:
         return model(example)
+    except Exception as exc:
+        if not what:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FeatkdError(f"{what} fails on an input of shape {tuple(example.shape)} "
+                          f"({type(exc).__name__}: {first})") from None
     finally:
         model.train(was_training)
 
@@ -126,6 +141,37 @@ def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> No
         usable = sorted(m for m in METHODS if METHODS.get(m).tasks is None or task.name in METHODS.get(m).tasks)
         raise ConfigError(f"method.name: {name!r} is defined for {', '.join(method_cls.tasks)} only "
                           f"({method_cls.task_reason}); for {task.name} use one of: {', '.join(usable)}")
+
+
+def method_options(name: str, options: Mapping[str, Any], task: Task) -> tuple[type[Distiller], DistillerConfig]:
+    """The class of method ``name`` and its typed options (checked key by key, errors name ``method.KEY``),
+    after checking that the method is defined for ``task``."""
+    method_cls = METHODS.get(name)
+    typed = from_dict(method_cls.Config, options, "method")
+    _check_method_task(method_cls, name, task)
+    if not task.logit_kd and getattr(typed, "kd_weight", 0.0):
+        raise ConfigError(f"method.kd_weight: {task.name} has no logit-level KD term; set it to 0 and distil "
+                          "features (the method's pairs)")
+    return method_cls, typed
+
+
+def build_distiller(
+    method_cls: type[Distiller], options: DistillerConfig, teacher: nn.Module | None, student: nn.Module,
+    example: Tensor, num_classes: int, task: Task,
+) -> tuple[Distiller, CapturingModel, CapturingModel | None]:
+    """The distiller (on ``example``'s device) and the student's and teacher's captures of its points.
+
+    ``example`` is a batch (B >= 2) of the input shape; the models must already be on its device.
+    """
+    input_shape = tuple(example.shape[1:])
+    if teacher is not None and isinstance(getattr(options, "pairs", None), list):  # [m[*], m[*]]: levels by stride
+        options = replace(options, pairs=expand_entry_pairs(options.pairs, teacher, student, example))
+    build_ctx = BuildContext(teacher, student, input_shape, num_classes, example.device, task)  # type: ignore[arg-type]
+    distiller = method_cls(options, build_ctx).to(example.device)
+    student_capture = CapturingModel(student, distiller.student_points, example)
+    teacher_capture = (CapturingModel(teacher, distiller.teacher_points, example)
+                       if teacher is not None else None)
+    return distiller, student_capture, teacher_capture
 
 
 def configure_process(cfg: ExperimentConfig, device: torch.device) -> bool:
@@ -156,9 +202,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
 
     data = build_data(cfg.data)
     task = task_for(data)
-    method_cls = METHODS.get(cfg.method_name)
-    options = from_dict(method_cls.Config, cfg.method_options(), "method")
-    _check_method_task(method_cls, cfg.method_name, task)
+    method_cls, options = method_options(cfg.method_name, cfg.method_options(), task)
     example = torch.zeros(2, *data.input_shape, device=device)
     teacher = None
     if method_cls.needs_teacher:
@@ -168,11 +212,14 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
             log("warning: teacher.checkpoint is empty: distilling from an untrained teacher")
         teacher = build_model(cfg.teacher, data, "teacher").to(device).eval()
         teacher.requires_grad_(False)
-        task.check_output(probe_output(teacher, example), "teacher", cfg.teacher.model, data.name)
+        task.check_output(probe_output(teacher, example, f"teacher {cfg.teacher.model!r}"), "teacher",
+                          cfg.teacher.model, data.name)
     student_spec = cfg.student if student_checkpoint is None else replace(cfg.student,
                                                                           checkpoint=str(student_checkpoint))
     student = build_model(student_spec, data, "student").to(device)
-    task.check_output(probe_output(student, example), "student", cfg.student.model, data.name)
+    task.check_output(probe_output(student, example, f"student {cfg.student.model!r}"), "student",
+                      cfg.student.model, data.name)
+    task.check_models(teacher, student, cfg.teacher.model if cfg.teacher else "", cfg.student.model, data.name)
     if tc.sync_batchnorm and dist.enabled:
         if device.type != "cuda":
             log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
@@ -182,11 +229,8 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
         for model in (teacher, student):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
-    build_ctx = BuildContext(teacher, student, data.input_shape, data.num_classes, device, task)
-    distiller = method_cls(options, build_ctx).to(device)
-    student_capture = CapturingModel(student, distiller.student_points, example)
-    teacher_capture = (CapturingModel(teacher, distiller.teacher_points, example)
-                       if teacher is not None else None)
+    distiller, student_capture, teacher_capture = build_distiller(method_cls, options, teacher, student, example,
+                                                                  data.num_classes, task)
     return Run(cfg=cfg, dist=dist, device=device, amp=amp, data=data, task=task, method_cls=method_cls,
                options=options, teacher=teacher, student=student, distiller=distiller,
                teacher_capture=teacher_capture, student_capture=student_capture, log=log)

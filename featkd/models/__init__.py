@@ -7,6 +7,12 @@ only (a tensor), uses no in-place operation and is traceable by :func:`torch.fx.
   see :func:`classifier_name`).
 - Segmenters (``fcn_<backbone>``, ``deeplab_<backbone>``: :mod:`featkd.models.segmentation`) return
   (B, K, H, W) logits at the input's size and end with a 1x1 convolution.
+- Detectors (``retinanet_<backbone>``, ``fcos_<backbone>``: :mod:`featkd.models.detection`) are
+  torchvision's RetinaNet / FCOS on a featkd trunk: a list of ``{boxes, labels, scores}`` in eval mode, their
+  loss dict in train mode (called with targets); like torchvision's, they do not trace as a whole.
+
+Models from the user's code, ``package.module:callable`` (:mod:`featkd.models.user`), are imported and
+called with their options; they only have to return an ``nn.Module`` whose output fits the task.
 
 :func:`model_kind` tells the two apart from a built model's output (also for ``torchvision:`` segmenters,
 which return ``{'out': (B, K, H, W)[, 'aux': ...]}``; :func:`segmentation_logits` takes the ``'out'``).
@@ -32,14 +38,19 @@ from featkd.registry import Registry
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"  # the optional timm package (featkd.models.timm_models)
 
 # Each model file registers its models in MODELS when imported.
-for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn", "segmentation"):
+for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn", "segmentation",
+                "detection"):
     importlib.import_module(f"featkd.models.{_module}")
 
+from featkd.models.detection import DETECTION_MODELS  # noqa: E402
 from featkd.models.segmentation import SEGMENTATION_MODELS, model_kind, segmentation_logits  # noqa: E402
+from featkd.models.user import create_user_model, is_import_spec  # noqa: E402
 
 __all__ = [
+    "DETECTION_MODELS",
     "MODELS",
     "SEGMENTATION_MODELS",
     "classifier_name",
@@ -63,7 +74,9 @@ def model_options(name: str) -> dict[str, inspect.Parameter]:
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build model ``name`` (a registered name or ``torchvision:<name>``) with freshly initialised weights.
+    """Build model ``name`` with freshly initialised weights: a registered name, ``torchvision:<name>``,
+    ``timm:<name>`` (:mod:`featkd.models.timm_models`), or ``package.module:callable`` from the user's code
+    (:mod:`featkd.models.user`).
 
     Unknown names, unknown or ill-typed options and invalid option values raise :class:`FeatkdError`.
     """
@@ -76,7 +89,17 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs:
         return create_torchvision_model(
             name[len(TORCHVISION_PREFIX) :], num_classes=num_classes, in_channels=in_channels, **kwargs
         )
-    factory = MODELS.get(name)
+    if name.startswith(TIMM_PREFIX):
+        from featkd.models.timm_models import create_timm_model
+
+        return create_timm_model(name[len(TIMM_PREFIX) :], num_classes=num_classes, in_channels=in_channels,
+                                 **kwargs)
+    if is_import_spec(name):
+        return create_user_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    try:
+        factory = MODELS.get(name)
+    except FeatkdError as exc:
+        raise FeatkdError(f"{exc}; or a model from your code: package.module:callable") from None
     options = model_options(name)
     hints = typing.get_type_hints(factory)
     for key, value in kwargs.items():

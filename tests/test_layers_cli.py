@@ -1,0 +1,41 @@
+"""``featkd layers`` hides the points that produce no tensor (sizes, asserts, getattr...) unless ``--all``."""
+
+from __future__ import annotations
+
+import pytest
+
+from featkd.cli import main
+
+
+def table(capsys, *args: str) -> tuple[list[list[str]], str]:
+    assert main(["layers", *args]) == 0
+    out = capsys.readouterr()
+    return [line.split() for line in out.out.splitlines()[1:]], out.err
+
+
+def test_vit_layers_hide_non_tensor_nodes(capsys, one_thread):
+    pytest.importorskip("torchvision")
+    args = ("torchvision:vit_b_16", "--input-shape", "1,32,32", "--option", "image_size=32")
+    rows, err = table(capsys, *args)
+    ops = {row[2] for row in rows if len(row) == 4}
+    assert not ops & {"getattr", "assert", "eq", "dim", "floordiv", "getitem_1"}
+    assert all(row[-1] != "-" for row in rows)  # every listed point has a shape
+    names = [row[0] for row in rows]
+    assert "encoder.layers.encoder_layer_0.self_attention" not in names  # a (tensor, None) tuple
+    assert "class_token" not in names and "encoder.pos_embedding" not in names  # parameters, not activations
+    assert ["encoder.layers.encoder_layer_11.add_1", "node", "add", "5x768"] in rows
+    assert ["conv_proj", "module", "Conv2d", "768x2x2"] in rows
+    hidden = int(err.split()[0].lstrip("("))
+    assert "--all lists them" in err
+    all_rows, err_all = table(capsys, *args, "--all")
+    assert len(all_rows) == len(rows) + hidden and err_all == ""
+    all_ops = {row[2] for row in all_rows}
+    assert {"getattr", "assert", "eq"} <= all_ops
+    assert ["encoder.layers.encoder_layer_0.self_attention", "module", "MultiheadAttention", "-"] in all_rows
+    assert ["class_token", "node", "1x768"] in all_rows  # no op: an fx get_attr
+
+
+def test_cnn_listing_is_unchanged(capsys, one_thread):
+    rows, err = table(capsys, "resnet8", "--input-shape", "1,8,8")
+    assert err == "" and all(row[-1] != "-" for row in rows)
+    assert ["layer3.0.add", "node", "add", "64x2x2"] in rows
