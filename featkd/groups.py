@@ -219,7 +219,7 @@ def match_groups(teacher: Sequence[LayerGroup], student: Sequence[LayerGroup]) -
     if not pairs:
         raise ConfigError(
             f"teacher groups {[t.spatial for t in teacher]} and student groups {[s.spatial for s in student]} "
-            "differ in number and share no spatial size; give method.teacher_groups and method.student_groups"
+            "differ in number and share no spatial size; give method.teacher_groups and method.student_points"
         )
     return pairs
 

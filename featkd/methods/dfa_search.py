@@ -122,7 +122,8 @@ class SearchResult:
 def aggregate(alpha: Tensor, features: Sequence[Tensor]) -> Tensor:
     """``sum_j alpha[j] * features[j]``: N tensors of one shape (B, C, H, W) -> (B, C, H, W).
 
-    Computed in the wider of the two dtypes (float32 for bf16 features under autocast and float32 alpha).
+    Computed in the wider of the two dtypes (float32 for bf16 features under autocast and float32 alpha),
+    with autocast off for the sum itself: CPU autocast would run ``tensordot`` in bf16.
     """
     if len(features) != alpha.numel():
         raise ValueError(f"{alpha.numel()} weights for {len(features)} features")
@@ -130,7 +131,8 @@ def aggregate(alpha: Tensor, features: Sequence[Tensor]) -> Tensor:
     if len(features) == 1:
         return alpha.to(dtype)[0] * features[0].to(dtype)
     stacked = torch.stack([f.to(dtype) for f in features], 0)  # (N, B, C, H, W)
-    return torch.tensordot(alpha.to(dtype), stacked, dims=1)
+    with torch.autocast(device_type=stacked.device.type, enabled=False):
+        return torch.tensordot(alpha.to(dtype), stacked, dims=1)
 
 
 def entropy(alpha: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """FitNets (Romero et al., ICLR 2015): regress teacher features from student features through a connector.
 
 For every pair ``[student_point, teacher_point]`` a freshly initialised 1x1 convolution (optionally
-followed by BatchNorm, as in CRD's ``ConvReg``) maps the student's C_s channels to the teacher's C_t, and
+followed by BatchNorm; CRD's ``ConvReg`` also puts a ReLU after its BatchNorm, featkd's connector has none,
+so it can regress pre-ReLU targets, which are negative too) maps the student's C_s channels to the teacher's C_t, and
 ``weight * mean((connector(s) - t)^2)`` is added per pair. The original trains the hint in a first stage;
 like the common CIFAR benchmarks (CRD, mdistiller) we train it jointly with the task loss.
 """

@@ -306,6 +306,8 @@ class KDA(Distiller):
 
     def on_epoch_end(self, epoch: int, ctx: RunContext) -> None:
         self._epoch_stats["active"] = float(self.active(epoch))
+        if self._rel_diff is not None:  # every rank summed its own shard's batches: log the whole epoch's mean
+            ctx.dist.all_reduce_sum(self._rel_diff)
         if self.accumulates:
             self._set_from_sums(ctx, f"epoch {epoch + 1}")
 
