@@ -15,7 +15,7 @@ from torch import Tensor
 
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, parse_pairs
+from featkd.methods.common import check_spatial, use_pairs
 
 
 @dataclass
@@ -41,11 +41,7 @@ class AttentionTransfer(Distiller):
 
     def __init__(self, cfg: AttentionTransferConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(s for s, _ in self.pairs)
-        self.teacher_points = tuple(t for _, t in self.pairs)
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         for s, t in self.pairs:
             check_spatial(s, s_shapes[s], t, t_shapes[t], cfg.resize, option="method.resize")
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError, FeatkdError
 
 if TYPE_CHECKING:
-    from featkd.methods.base import BuildContext
+    from featkd.methods.base import BuildContext, Distiller
 
 
 def parse_pairs(pairs: Sequence[Sequence[str]], key: str = "method.pairs") -> list[tuple[str, str]]:
@@ -28,6 +28,19 @@ def parse_pairs(pairs: Sequence[Sequence[str]], key: str = "method.pairs") -> li
             raise ConfigError(f"{key}[{i}]: expected [student_point, teacher_point], got {pair!r}")
         out.append((pair[0], pair[1]))
     return out
+
+
+def use_pairs(distiller: Distiller, pairs: Sequence[Sequence[str]], ctx: BuildContext,
+              key: str = "method.pairs") -> tuple[list[tuple[str, str]], dict[str, tuple[int, ...]],
+                                                  dict[str, tuple[int, ...]]]:
+    """Parse ``[[student_point, teacher_point], ...]``, set the distiller's capture points (each point once,
+    in order), and return ``(pairs, student shapes, teacher shapes)``: per-example shapes probed on the real
+    models, so a typo in a point fails at build time with its name."""
+    parsed = parse_pairs(pairs, key)
+    distiller.student_points = tuple(dict.fromkeys(s for s, _ in parsed))
+    distiller.teacher_points = tuple(dict.fromkeys(t for _, t in parsed))
+    return (parsed, ctx.feature_shapes("student", distiller.student_points),
+            ctx.feature_shapes("teacher", distiller.teacher_points))
 
 
 def embedding_pairs(pairs: Sequence[Sequence[str]], ctx: BuildContext) -> list[tuple[str, str]]:

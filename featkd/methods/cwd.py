@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, parse_pairs, resize_like
+from featkd.methods.common import check_spatial, resize_like, use_pairs
 from featkd.methods.fitnets import conv1x1_connector
 
 # MMRazor configs/distill/mmseg/cwd/cwd_logits_pspnet_r101-d8_pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py
@@ -97,11 +97,7 @@ class CWD(Distiller):
 
     def __init__(self, cfg: CWDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(s for s, _ in self.pairs)
-        self.teacher_points = tuple(t for _, t in self.pairs)
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         self.connectors = nn.ModuleDict()  # key: index of the pair, for pairs whose channels differ
         for i, (s, t) in enumerate(self.pairs):
             check_spatial(s, s_shapes[s], t, t_shapes[t], cfg.resize_teacher)

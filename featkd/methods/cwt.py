@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, parse_pairs, resize_like
+from featkd.methods.common import check_spatial, resize_like, use_pairs
 
 Reduction = Literal["mean", "per_example_sum"]
 BatchNormPlace = Literal["none", "hidden", "output", "both"]
@@ -134,11 +134,7 @@ class CWT(Distiller):
 
     def __init__(self, cfg: CWTConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(dict.fromkeys(s for s, _ in self.pairs))
-        self.teacher_points = tuple(dict.fromkeys(t for _, t in self.pairs))
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         self.transforms = nn.ModuleList()
         for s, t in self.pairs:
             s_shape, t_shape = s_shapes[s], t_shapes[t]

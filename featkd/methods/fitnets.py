@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, parse_pairs, resize_like
+from featkd.methods.common import check_spatial, resize_like, use_pairs
 
 
 @dataclass
@@ -40,11 +40,7 @@ class FitNets(Distiller):
 
     def __init__(self, cfg: FitNetsConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(s for s, _ in self.pairs)
-        self.teacher_points = tuple(t for _, t in self.pairs)
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         self.connectors = nn.ModuleList()
         for s, t in self.pairs:
             check_spatial(s, s_shapes[s], t, t_shapes[t], cfg.resize_teacher)

@@ -58,7 +58,7 @@ from featkd.errors import ConfigError, FeatkdError
 from featkd.features import preceding_batchnorm
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
-from featkd.methods.common import check_spatial, parse_pairs, resize_like
+from featkd.methods.common import check_spatial, resize_like, use_pairs
 from featkd.methods.mgd_matching import (
     Matching,
     StageStatistics,
@@ -300,11 +300,7 @@ class MatchingGuidedDistiller(Distiller):
     def __init__(self, cfg: MatchingGuidedConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         self.cfg: MatchingGuidedConfig = cfg
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(s for s, _ in self.pairs)
-        self.teacher_points = tuple(t for _, t in self.pairs)
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         self.rule = "one_to_one" if cfg.reducer == "sm" else "balanced"
         self.stage_weights = list(cfg.stage_weights or official_stage_weights(len(self.pairs)))
         if len(self.stage_weights) != len(self.pairs):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import parse_pairs
+from featkd.methods.common import use_pairs
 from featkd.methods.fitnets import conv1x1_connector
 
 MMRAZOR_FRCNN_WEIGHT = 6.0  # configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py
@@ -88,11 +88,7 @@ class PKD(Distiller):
 
     def __init__(self, cfg: PKDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
-        self.pairs = parse_pairs(cfg.pairs)
-        self.student_points = tuple(s for s, _ in self.pairs)
-        self.teacher_points = tuple(t for _, t in self.pairs)
-        s_shapes = ctx.feature_shapes("student", self.student_points)
-        t_shapes = ctx.feature_shapes("teacher", self.teacher_points)
+        self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
         self.connectors = nn.ModuleDict()  # key: index of the pair, for pairs whose channels differ
         for i, (s, t) in enumerate(self.pairs):
             if len(s_shapes[s]) != 3 or len(t_shapes[t]) != 3:
