@@ -95,6 +95,12 @@ class ExperimentConfig:
     def method_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.items() if k != "name"}
 
+    def parsed_method_options(self) -> Any | None:
+        """The method's typed options as :func:`build_config` parsed them (None when the config was built
+        another way, or ``method`` changed since): the run uses the object that was validated."""
+        cached = getattr(self, "_parsed_method", None)
+        return cached[1] if cached is not None and cached[0] == self.method else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -314,6 +320,7 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
     cls = METHODS.get(str(method["name"]))
     options = from_dict(cls.Config, cfg.method_options(), "method")
     cfg.method = {"name": method["name"], **dataclasses.asdict(options)}
+    cfg._parsed_method = (copy.deepcopy(cfg.method), options)  # an attribute, not a field: never dumped
     if cls.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: method {method['name']!r} needs a teacher section")
     return cfg

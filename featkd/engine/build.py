@@ -143,11 +143,13 @@ def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> No
                           f"({method_cls.task_reason}); for {task.name} use one of: {', '.join(usable)}")
 
 
-def method_options(name: str, options: Mapping[str, Any], task: Task) -> tuple[type[Distiller], DistillerConfig]:
-    """The class of method ``name`` and its typed options (checked key by key, errors name ``method.KEY``),
+def method_options(name: str, options: Mapping[str, Any], task: Task,
+                   parsed: DistillerConfig | None = None) -> tuple[type[Distiller], DistillerConfig]:
+    """The class of method ``name`` and its typed options (checked key by key, errors name ``method.KEY``;
+    ``parsed``: options already parsed from ``options``, as :func:`~featkd.config.build_config` keeps them),
     after checking that the method is defined for ``task``."""
     method_cls = METHODS.get(name)
-    typed = from_dict(method_cls.Config, options, "method")
+    typed = parsed if parsed is not None else from_dict(method_cls.Config, options, "method")
     _check_method_task(method_cls, name, task)
     if not task.logit_kd and getattr(typed, "kd_weight", 0.0):
         raise ConfigError(f"method.kd_weight: {task.name} has no logit-level KD term; set it to 0 and distil "
@@ -202,7 +204,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
 
     data = build_data(cfg.data)
     task = task_for(data)
-    method_cls, options = method_options(cfg.method_name, cfg.method_options(), task)
+    method_cls, options = method_options(cfg.method_name, cfg.method_options(), task, cfg.parsed_method_options())
     example = torch.zeros(2, *data.input_shape, device=device)
     teacher = None
     if method_cls.needs_teacher:
