@@ -183,7 +183,7 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return mean, se
 
 
-METRIC_LABELS = {"acc": "test acc", "miou": "test mIoU"}
+METRIC_LABELS = {"acc": "test acc", "miou": "test mIoU", "ap": "test box AP"}
 
 
 def _epoch_metric(out: Path, epoch: int, metric: str) -> float | None:
