@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from featkd.models import MODELS
+from featkd.models.init import init_weights
 
 
 class PlainCNN(nn.Module):
@@ -46,14 +47,7 @@ class PlainCNN(nn.Module):
         self.fc1 = nn.Linear(in_channels * pool_size * pool_size, hidden)
         self.relu = nn.ReLU()
         self.fc = nn.Linear(hidden, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, self.num_blocks + 1):

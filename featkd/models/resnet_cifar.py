@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from featkd.models import MODELS
+from featkd.models.init import init_weights
 
 
 class BasicBlock(nn.Module):
@@ -78,12 +79,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(widths[1], widths[2], n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @staticmethod
     def _make_layer(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -52,20 +52,9 @@ import featkd.models.mobilenetv2
 import featkd.models.resnet_cifar  # noqa: F401  (registers the backbones' classifiers)
 from featkd.errors import FeatkdError
 from featkd.models import MODELS
+from featkd.models.init import init_conv_bn
 
 DEFAULT_RATES = (2, 4, 6)
-
-
-def init_conv_bn(module: nn.Module) -> None:
-    """Kaiming-normal (fan_out, ReLU) convolutions with zero bias, BatchNorm weight 1 and bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, dilation: int = 1) -> list[nn.Module]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from featkd.models import MODELS
+from featkd.models.init import init_weights
 
 # net_size -> (stage widths, head width)
 CONFIGS: dict[float, tuple[tuple[int, int, int], int]] = {
@@ -104,12 +105,7 @@ class ShuffleNetV2(nn.Module):
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(head, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.bn1(self.conv1(x)))

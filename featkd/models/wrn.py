@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from featkd.models import MODELS
+from featkd.models.init import init_weights
 
 
 class WideBasicBlock(nn.Module):
@@ -69,14 +70,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     @staticmethod
     def _make_layer(in_planes: int, planes: int, blocks: int, stride: int, dropout: float) -> nn.Sequential:
