@@ -69,7 +69,7 @@ from featkd.data import read_idx, write_idx
 from featkd.engine.trainer import Trainer
 from featkd.methods import METHODS
 from featkd.models import create_model
-from featkd.timing import environment, time_interleaved
+from featkd.timing import environment, step_on, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -474,18 +474,6 @@ def fixed_batches(trainer: Trainer, size: int, channels_last: bool, n: int = 2) 
     return batches
 
 
-def featkd_step(trainer: Trainer, batches: list[tuple[Tensor, Tensor]]) -> Callable[[], None]:
-    """``trainer.train_step`` on fixed batches (as ``featkd.timing.trainer_step``, but on resized batches)."""
-    state = {"i": 0}
-
-    def step() -> None:
-        x, y = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        trainer.train_step(x, y, 0)
-
-    return step
-
-
 def throughput_row(pair: Pair, amp: bool, channels_last: bool, compile: bool, sizes: Sizes, cifar_dir: str,
                    device: str) -> dict[str, Any]:
     """Seconds per step and images/s of featkd and of the hand loop (and its inference-mode teacher)."""
@@ -502,7 +490,7 @@ def throughput_row(pair: Pair, amp: bool, channels_last: bool, compile: bool, si
     trainer = Trainer(cfg, out_dir=None, log=lambda _m: None)
     batches = fixed_batches(trainer, pair.image_size, channels_last)
     opts = {"batches": batches, "amp": amp, "channels_last": channels_last, "compile": compile}
-    fns = {"featkd": featkd_step(trainer, batches), "hand": hand_written_step(cfg, trainer, True, **opts)}
+    fns = {"featkd": step_on(trainer, batches), "hand": hand_written_step(cfg, trainer, True, **opts)}
     if not compile:  # the teacher-mode comparison needs no compiled copies (each costs a compilation)
         fns["hand_inference_mode"] = hand_written_step(cfg, trainer, True, teacher_mode="inference_mode", **opts)
     times = time_interleaved(fns, rounds=sizes.rounds, calls=sizes.calls, warmup=sizes.warmup + 2 * compile,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,10 +55,15 @@ def trainer_step(trainer: Any, batches: int = 4) -> Callable[[], None]:
         fixed.append((x, y))
         if len(fixed) == batches:
             break
+    return step_on(trainer, fixed)
+
+
+def step_on(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> Callable[[], None]:
+    """A function running ``trainer.train_step`` on the given batches in turn (epoch 0)."""
     state = {"i": 0}
 
     def step() -> None:
-        x, y = fixed[state["i"] % len(fixed)]
+        x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
         trainer.train_step(x, y, 0)
 
