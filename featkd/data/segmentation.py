@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featkd.data.loaders import InMemoryBackend, Normalizer, TensorSplit
-from featkd.data.sources import DataBundle, DataConfig, train_augment
+from featkd.data.loaders import Normalizer, TensorSplit
+from featkd.data.sources import DataBundle, DataConfig, in_memory_bundle, train_augment
 from featkd.data.splits import split_dense
 from featkd.errors import DataError
 
@@ -177,19 +177,5 @@ class SegmentationSource:
         test = split(self.test_images, self.test_masks)
         aug = train_augment(cfg, self.crop_padding, self.hflip)
         norm = Normalizer(self.mean, self.std, 255.0)
-        c, h, w = self.train_images.shape[1:]
-        return DataBundle(
-            name=cfg.dataset,
-            num_classes=len(self.class_names),
-            input_shape=(c, h, w),
-            train_size=len(train),
-            val_size=0 if val is None else len(val),
-            test_size=len(test),
-            augmentation=aug.describe(),
-            mean=norm.mean,
-            std=norm.std,
-            task="segmentation",
-            ignore_index=self.ignore_index,
-            class_names=self.class_names,
-            _backend=InMemoryBackend(train, val, test, norm, aug),
-        )
+        return in_memory_bundle(cfg, len(self.class_names), train, val, test, norm, aug, task="segmentation",
+                                ignore_index=self.ignore_index, class_names=self.class_names)

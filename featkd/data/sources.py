@@ -309,10 +309,17 @@ def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
     test = TensorSplit(src.test_images, src.test_labels)
     aug = train_augment(cfg, src.crop_padding, src.hflip)
     norm = Normalizer(src.mean, src.std, src.max_value)
-    c, h, w = src.train_images.shape[1:]
+    return in_memory_bundle(cfg, src.num_classes, train, val, test, norm, aug)
+
+
+def in_memory_bundle(cfg: DataConfig, num_classes: int, train: TensorSplit, val: TensorSplit | None,
+                     test: TensorSplit, norm: Normalizer, aug: AugmentSpec, **task: Any) -> DataBundle:
+    """The :class:`DataBundle` of splits held in memory (classification, and with ``task`` fields such as
+    ``task="segmentation"``, ``ignore_index``, ``class_names`` the dense sets)."""
+    c, h, w = train.images.shape[1:]
     return DataBundle(
         name=cfg.dataset,
-        num_classes=src.num_classes,
+        num_classes=num_classes,
         input_shape=(c, h, w),
         train_size=len(train),
         val_size=0 if val is None else len(val),
@@ -321,6 +328,7 @@ def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
         mean=norm.mean,
         std=norm.std,
         _backend=InMemoryBackend(train, val, test, norm, aug),
+        **task,
     )
 
 
