@@ -21,8 +21,9 @@ task) and :func:`~featkd.engine.build.build_distiller` (the distiller and both c
 models). Not built: data, optimiser, schedule, autocast, DDP, checkpoints: those are the loop's.
 
 - ``kd(x, y)`` runs the teacher (eval, no grad) and the student (in whatever mode the loop put it: call
-  ``student.train()`` yourself) and returns the distiller's loss terms; the student's raw output of that
-  call is kept in ``kd.student_output`` for the loop's own metrics.
+  ``student.train()`` yourself) and returns the distiller's loss terms; the task's logits of the student's
+  output in that call (the output itself for a classifier) are kept in ``kd.student_output`` for the loop's
+  own metrics.
 - ``kd.parameters()`` are the distiller's own (connectors, norms: FitNets, CWT...; none for MGD, KD): give
   them to the optimiser with the student's.
 - Hooks, as the Trainer calls them: ``setup()`` once (MGD's first matching, KDA's landmarks; called on the
@@ -33,12 +34,20 @@ models). Not built: data, optimiser, schedule, autocast, DDP, checkpoints: those
   need not be shuffled. Methods that need more of featkd's data set (DFA's search) take ``data=`` a
   :class:`~featkd.data.DataBundle` instead (``featkd.data.build_data``), and say so otherwise.
 - The teacher is put in eval mode with ``requires_grad_(False)``; both models must be on one device (the
-  distiller is built there). Single process; ``kd.state_dict()`` / ``kd.load_state_dict()`` hold the
-  distiller's state (a matching, landmarks) for the loop's own checkpoints.
+  distiller is built there). ``kd.state_dict()`` / ``kd.load_state_dict()`` hold the distiller's state (a
+  matching, landmarks) for the loop's own checkpoints.
+- Several processes (``torchrun``, Accelerate, your own ``init_process_group``): build ``Distillation`` after
+  the process group exists; it then reduces the methods' statistics over all ranks (each rank passes its own
+  shard as ``train_loader``, or all the same loader: the statistics are means either way). Wrap
+  ``kd.module`` (the student's capture + the distiller, one ``nn.Module``; its ``parameters()`` are the
+  student's and the distiller's) in DDP, or ``kd.module, optimizer, loader = accelerator.prepare(kd.module,
+  optimizer, loader)``; ``kd(x, y)`` runs whatever ``kd.module`` is then. ``examples/own_loop_accelerate.py``
+  is the Accelerate version of the loop.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -47,9 +56,10 @@ from torch import Tensor, nn
 
 from featkd.data import DataBundle
 from featkd.engine.build import build_distiller, method_options, probe_output
+from featkd.engine.trainer import TrainStep
 from featkd.errors import FeatkdError
 from featkd.features import CapturingModel
-from featkd.methods.base import Batch, Distiller, DistInfo, RunContext
+from featkd.methods.base import Distiller, DistInfo, RunContext
 from featkd.tasks import TASKS, Task
 
 __all__ = ["Distillation", "LoaderData"]
@@ -143,6 +153,8 @@ class Distillation:
         train_loader / data: what statistics passes iterate (see the module docstring); one or neither.
         epochs / steps_per_epoch: the loop's length, for methods that schedule updates (MGD does not
             re-match after the last epoch); ``steps_per_epoch`` defaults to ``len(train_loader)``.
+        train_size: samples in the training split, for methods with one memory row per sample (CRD: pass
+            ``indices`` to ``kd(x, y, indices)`` too); defaults to ``data.train_size``.
         log: where methods report (MGD's matching cost); ``print`` by default.
     """
 
@@ -152,7 +164,7 @@ class Distillation:
         task: str | Task = "classification", num_classes: int | None = None,
         train_loader: Iterable | None = None, data: DataBundle | None = None, epochs: int = 1,
         steps_per_epoch: int | None = None, eval_batch_size: int = 256, seed: int = 0,
-        log: Callable[[str], None] = print,
+        train_size: int | None = None, log: Callable[[str], None] = print,
     ) -> None:
         if train_loader is not None and data is not None:
             raise FeatkdError("Distillation: pass train_loader or data, not both")
@@ -175,7 +187,7 @@ class Distillation:
                 self.task.check_output(probe_output(model, example_input, role), role, type(model).__name__,
                                        "example_input")
         parts = build_distiller(self.method_cls, self.options, teacher, student, example_input, num_classes,
-                                self.task)
+                                self.task, train_size if train_size is not None else getattr(data, "train_size", None))
         self.distiller: Distiller = parts[0]
         self.student_capture: CapturingModel = parts[1]
         self.teacher_capture: CapturingModel | None = parts[2]
@@ -189,10 +201,12 @@ class Distillation:
                 steps_per_epoch = len(train_loader) if train_loader is not None else 0  # type: ignore[arg-type]
             except TypeError:
                 steps_per_epoch = 0
+        # The module a DDP wrapper (or accelerator.prepare) may replace: student capture + distiller.
+        self.module: nn.Module = TrainStep(self.student_capture, self.distiller)
         self.ctx = RunContext(
             teacher=teacher, student=student, teacher_capture=self.teacher_capture,
             student_capture=self.student_capture, data=source, device=example_input.device,
-            dist=DistInfo(), epochs=epochs, steps_per_epoch=steps_per_epoch, log=log,
+            dist=process_group_info(), epochs=epochs, steps_per_epoch=steps_per_epoch, log=log,
             eval_batch_size=eval_batch_size, seed=seed,
         )
         self.epoch = 0
@@ -201,8 +215,9 @@ class Distillation:
         self._set_up = False
 
     # ---- per batch --------------------------------------------------------------------------------------
-    def __call__(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """The named, weighted loss terms for batch ``(x, y)`` (their sum is the loss to minimise)."""
+    def __call__(self, x: Tensor, y: Tensor, indices: Tensor | None = None) -> dict[str, Tensor]:
+        """The named, weighted loss terms for batch ``(x, y)`` (their sum is the loss to minimise); ``indices``
+        (B,): each sample's index in the training split, for methods with a per-sample memory (CRD)."""
         if not self._set_up:
             self.setup()
         t_logits, t_feats = None, {}
@@ -210,11 +225,8 @@ class Distillation:
             with torch.no_grad():
                 t_out, t_feats = self.teacher_capture(x)
                 t_logits = self.task.logits(t_out)
-        s_out, s_feats = self.student_capture(x)
-        self.student_output = s_out
-        batch = Batch(inputs=x, targets=y, student_logits=self.task.logits(s_out), student_features=s_feats,
-                      teacher_logits=t_logits, teacher_features=t_feats, epoch=self.epoch, step=self.step)
-        return self.distiller(batch)
+        losses, self.student_output = self.module(x, y, t_logits, t_feats, self.epoch, self.step, indices)
+        return losses
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The distiller's own trainable parameters (give them to the optimiser with the student's)."""
@@ -249,6 +261,15 @@ class Distillation:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.distiller.load_state_dict(state)
+
+
+def process_group_info() -> DistInfo:
+    """This process's place in the torch.distributed group it joined (one process when there is none)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return DistInfo()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, process_group=True)
 
 
 class _NoData:

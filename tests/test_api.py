@@ -115,3 +115,27 @@ def test_errors_are_one_line(one_thread):
         mgd(x, y)
     none = Distillation(None, student, "none", example_input=x[:2])
     assert set(none(x, y)) == {"ce"} and list(none.parameters()) == []
+
+
+ACCELERATE_EXAMPLE = ROOT / "examples" / "own_loop_accelerate.py"
+
+
+def _run_accelerate_example(cmd: list[str], cwd: Path) -> str:
+    pytest.importorskip("accelerate", reason="examples/own_loop_accelerate.py needs accelerate (the examples extra)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_accelerate_example_under_torchrun_gives_every_rank_the_same_matching(tmp_path):
+    """Two processes (gloo, Accelerate's DDP): MGD's statistics are summed over the ranks, so both solve one
+    matching; the distilled student beats chance by far."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = _run_accelerate_example([*torchrun, str(ACCELERATE_EXAMPLE)], tmp_path)
+    digests = dict(re.findall(r"rank (\d): matching (\w+)", out))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], out
+    assert "mgd: matching update 2" in out
+    acc = float(re.search(r"epoch 2: loss \S+ \(ce \S+, mgd \S+\)  test_acc (\S+)", out)[1])
+    assert acc > 30, out  # chance is 10 %
