@@ -179,14 +179,25 @@ def test_elastic_job_stopped_by_sigterm_and_sigkilled_is_restarted_and_equals_si
 
 
 @pytest.mark.slow
-def test_two_process_run_with_batchnorm_reports_the_accuracy_gap(tmp_path):
-    cfg = config(tmp_path, "resnet8", "bn", epochs=4)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run([sys.executable, "-m", "featkd", "train", str(cfg), "--out", str(single)])
-    run([*TORCHRUN, "-m", "featkd", "train", str(cfg), "--out", str(ddp)])
-    acc_single = json.loads((single / "summary.json").read_text())["test_acc"]
-    acc_ddp = json.loads((ddp / "summary.json").read_text())["test_acc"]
-    # Per-rank BatchNorm statistics legitimately differ (SyncBatchNorm is a CUDA option): report the gap.
-    print(f"BatchNorm model: single {acc_single:.2f} vs 2-process {acc_ddp:.2f}, gap {acc_ddp - acc_single:+.2f}")
-    assert acc_ddp > 80 and acc_single > 80
-    assert abs(acc_ddp - acc_single) < 10
+def test_two_process_batchnorm_run_ends_with_one_model_that_scores_like_a_single_process(tmp_path):
+    """On the CPU each rank normalises with its own half batch (SyncBatchNorm is CUDA-only), but the run holds
+    one model: after it both ranks hold the same student bit for bit (weights through DDP, BatchNorm running
+    statistics through the trainer's broadcast of rank 0's before evaluating), that is the student.pt rank 0
+    saved, and the test accuracy summed over the two shards equals a single-process evaluation of it."""
+    from featkd.config import load_config
+    from featkd.engine.build import build_run
+
+    cfg = config(tmp_path, "resnet8", "bn", epochs=2)
+    out = tmp_path / "ddp"
+    run([*TORCHRUN, "-m", "tests.rank_worker", str(cfg), str(out), "--train"])
+    ranks = [torch.load(out / f"state-rank{r}.pt", weights_only=True)["student"] for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and sum("running_mean" in k for k in ranks[0]) == 9
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    exported = torch.load(out / "run" / "student.pt", weights_only=True)
+    assert exported.keys() == ranks[0].keys() and all(torch.equal(exported[k], ranks[0][k]) for k in exported)
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_acc"] > 80
+    single = build_run(load_config(cfg), log=lambda _m: None, student_checkpoint=out / "run" / "student.pt")
+    result = single.evaluate(single.student)
+    assert result["samples"] == 450 and result["acc"] == summary["test_acc"]

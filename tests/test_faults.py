@@ -161,10 +161,10 @@ def patch_step(monkeypatch, at_step: int, action) -> None:
     """Call ``action(trainer)`` just before optimiser step ``at_step`` (0-based, global) runs."""
     original = Trainer.train_step
 
-    def train_step(self, x, y, epoch):
+    def train_step(self, *args, **kwargs):
         if self.global_step == at_step:
             action(self)
-        return original(self, x, y, epoch)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
 

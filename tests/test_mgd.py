@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from scipy.stats import norm
+from torch import nn
 
 from featkd.config import from_dict
 from featkd.data import DataConfig, build_data
@@ -329,17 +331,46 @@ def test_config_validation_and_spatial_errors():
         make(ctx, pairs=[["layer9.add", "layer1.2.add"]])
 
 
+def pool2x2(t: np.ndarray) -> np.ndarray:
+    """(B, C, 2H, 2W) -> (B, C, H, W): the mean of each 2x2 block, by hand."""
+    b, c, h, w = t.shape
+    return t.reshape(b, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+
+
 def test_resize_teacher_pools_the_teacher_map():
+    """Student layer2.0.add (32, 4, 4) <- teacher layer1.2.add (16, 8, 8): the teacher map is 2x2-averaged in
+    the statistics pass (cost by hand) and in the loss (partial L2 of the pooled map by hand)."""
     ctx = digits_context()
     d = make(ctx, pairs=[["layer2.0.add", "layer1.2.add"]], resize_teacher=True)
     run = run_context(ctx, d, images=60)
     d.update_matching(run)
+    # cost: mean over the 60 images of 2 - 2 cos(raw student map, pooled teacher map)
+    cost = np.zeros((32, 16))
+    for _x, _y, (_, tf), (_, sf) in run.iter_features(run.data.train_eval_loader(64)):
+        s = sf["layer2.0.add"].numpy().astype(np.float64).reshape(len(_x), 32, -1)
+        t = pool2x2(tf["layer1.2.add"].numpy().astype(np.float64)).reshape(len(_x), 16, -1)
+        s /= np.linalg.norm(s, axis=2, keepdims=True)
+        t /= np.linalg.norm(t, axis=2, keepdims=True)
+        cost += (2.0 - 2.0 * np.einsum("bsh,bth->bst", s, t)).sum(0)
+    np.testing.assert_allclose(d.costs[0].double().numpy(), cost / 60, rtol=1e-5, atol=1e-5)
+    # loss: partial L2 of BN(student) against the pooled teacher map of its matched channel
     x = torch.cat([x for x, _ in run.data.train_eval_loader(64)])[:4]
     with torch.no_grad():
         _, tf = run.teacher_capture(x)
     _, sf = run.student_capture(x)
     loss = d.loss(Batch(x, torch.zeros(4, dtype=torch.long), torch.zeros(4, 10), sf, torch.zeros(4, 10), tf))["mgd"]
-    assert torch.isfinite(loss) and loss.item() > 0
+    s = sf["layer2.0.add"].detach().numpy().astype(np.float64)
+    s = (s - s.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(s.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    t = pool2x2(tf["layer1.2.add"].numpy().astype(np.float64))
+    margins, m = d._buf(0, "margins").numpy(), d.matching(0)
+    assert sorted(m.sizes.tolist()) == [0] * 16 + [1] * 16  # wider student: 16 channels without a target
+    expected = 0.0
+    for j in range(32):
+        for k in m.groups[j, : m.sizes[j]]:
+            target = np.maximum(t[:, k], margins[k])
+            keep = (s[:, j] > target) | (target > 0)
+            expected += (((s[:, j] - target) ** 2) * keep).sum()
+    assert loss.item() == pytest.approx(expected / (4 * 1e4), rel=1e-5)  # one stage: weight 1, official 1e4
 
 
 @pytest.mark.parametrize(("reducer", "wide"), [("amp", "subset"), ("rd", "share"), ("sm", "subset"), ("sm", "share")])
@@ -371,6 +402,42 @@ def test_any_channel_counts_work(reducer, wide):
     assert ctx.student.conv1.weight.grad is not None
 
 
+def test_statistics_subset_is_redrawn_per_update_the_same_on_every_rank_and_after_resume():
+    """stats_subset: redraw (default) draws update u's 40 of 120 images with (train.seed, u); fixed: always the
+    same seeded subset. Ranks draw the same subset and take its shards; a resumed distiller draws the same."""
+    ctx = digits_context()
+    pairs = PAIRS[:1]
+    redraw, fixed = make(ctx, pairs=pairs, stats_images=40), make(ctx, pairs=pairs, stats_images=40,
+                                                                    stats_subset="fixed")
+    run = run_context(ctx, redraw, images=120)
+
+    def images(d: MatchingGuidedDistiller, dist: DistInfo | None = None) -> torch.Tensor:
+        return torch.cat([x for x, _ in d.stats_loader(replace(run, dist=dist or DistInfo()))])
+
+    seeded = torch.cat([x for x, _ in run.data.train_eval_loader(64, limit=40, seed=run.seed)])
+    first = {"redraw": images(redraw), "fixed": images(fixed)}
+    assert torch.equal(first["fixed"], seeded) and len(first["redraw"]) == 40
+    # two simulated ranks: the same subset, rank r takes its r-th of every 2 images
+    for r in (0, 1):
+        assert torch.equal(images(redraw, DistInfo(rank=r, world_size=2)), first["redraw"][r::2])
+    costs = {}
+    for name, d in (("redraw", redraw), ("fixed", fixed)):
+        costs[name] = []
+        for _ in range(2):  # two consecutive matching updates
+            d.update_matching(run)
+            costs[name].append(d.costs[0].clone())
+            assert d.metrics()["mgd_images"] == 40
+    second = images(redraw)  # the subset of the next update (u = 2)
+    assert not torch.equal(second, first["redraw"]) and torch.equal(images(fixed), seeded)
+    assert not torch.equal(costs["redraw"][0], costs["redraw"][1])  # other images, other statistics
+    assert torch.equal(costs["fixed"][0], costs["fixed"][1])  # same images, same models: the same sums
+    resumed = make(ctx, pairs=pairs, stats_images=40)
+    resumed.load_state_dict(redraw.state_dict())  # the update index is the checkpointed `updates` buffer
+    assert torch.equal(images(resumed), second)
+    with pytest.raises(ConfigError, match=r"^method.stats_subset: 'random' is not allowed"):
+        make(ctx, pairs=pairs, stats_subset="random")
+
+
 def test_loss_before_any_matching_is_a_clear_error():
     ctx = digits_context()
     d = make(ctx, pairs=PAIRS)
@@ -398,12 +465,12 @@ def test_distiller_state_holds_norms_and_matching_but_not_the_models():
 # ---- real short trainings --------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, method: dict, **train) -> Path:
+def write_config(path: Path, method: dict, student_options: dict | None = None, **train) -> Path:
     raw = {
         "name": "mgd-test",
         "data": {"dataset": "digits", "train_subset": 128, "batch_size": 32},
         "teacher": {"model": "resnet20", "checkpoint": "zoo:digits-resnet20"},
-        "student": {"model": "resnet8"},
+        "student": {"model": "resnet8", **({"options": student_options} if student_options else {})},
         "method": {"name": "mgd", "pairs": PAIRS, **method},
         "optim": {"lr": 0.05, "schedule": "cosine"},
         "train": {"epochs": 2, "num_threads": 1, "progress": "off", "tensorboard": False, "deterministic": True,
@@ -411,6 +478,30 @@ def write_config(path: Path, method: dict, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_sync_batchnorm_converts_the_distillers_batchnorms_like_the_students(tmp_path, monkeypatch):
+    """train.sync_batchnorm under DDP: the distiller's student-side BNs become SyncBatchNorm with the student's
+    (built as under torchrun with one process; the CPU is let through SYNC_BATCHNORM_DEVICES, which only
+    build_run reads). On the CPU proper nothing is converted."""
+    from featkd.config import load_config
+    from featkd.engine import build
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", {}, sync_batchnorm=True))
+    monkeypatch.setattr(build, "init_distributed",
+                        lambda _device: (DistInfo(process_group=True), torch.device("cpu")))
+    logs: list[str] = []
+    plain = build.build_run(cfg, log=logs.append)
+    assert any("train.sync_batchnorm needs CUDA" in m for m in logs)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in [*plain.student.modules(), *plain.distiller.modules()])
+    monkeypatch.setattr(build, "SYNC_BATCHNORM_DEVICES", ("cuda", "cpu"))
+    run = build.build_run(cfg, log=logs.append)
+    norms = [m for m in run.distiller.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 3 and all(type(m) is nn.SyncBatchNorm for m in norms)
+    assert all(type(m) is nn.SyncBatchNorm for m in run.student.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in run.teacher.modules())  # frozen, not synced
+    assert run.distiller.state_dict().keys() == plain.distiller.state_dict().keys()  # checkpoints still load
 
 
 def featkd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -422,11 +513,16 @@ def featkd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_training_saves_the_matching_and_resume_restores_it_exactly(tmp_path):
-    """RD (random every forward) over 2 epochs equals 1 epoch + resume: matching, RNG and norms restored."""
+    """RD (random every forward) over 2 epochs equals 1 epoch + resume: matching, RNG and norms restored.
+
+    The student is half as wide as the teacher (8-16-32 <- 16-32-64), so every student channel has a group of
+    two teacher channels and RD really draws (with equal widths it is SM and the RNG never matters)."""
     from featkd.config import load_config
     from featkd.engine.trainer import Trainer
 
-    cfg_path = write_config(tmp_path / "c.yaml", {"reducer": "rd", "update_every": 1})
+    narrow = [8, 16, 32]
+    cfg_path = write_config(tmp_path / "c.yaml", {"reducer": "rd", "update_every": 1},
+                            student_options={"widths": narrow})
     logs: list[str] = []
     full = Trainer(load_config(cfg_path), tmp_path / "full", log=logs.append).fit()
     assert full.status == "finished"
@@ -442,10 +538,21 @@ def test_training_saves_the_matching_and_resume_restores_it_exactly(tmp_path):
     assert a["distiller"].keys() == b["distiller"].keys()
     for k in a["distiller"]:
         torch.testing.assert_close(a["distiller"][k], b["distiller"][k], rtol=0, atol=0, msg=k)
-    assert a["distiller"]["_extra_state"]["cost"][0].shape == (16, 16)
+    assert a["distiller"]["_extra_state"]["cost"][0].shape == (8, 16)
     for k in a["student"]:
         torch.testing.assert_close(a["student"][k], b["student"][k], rtol=0, atol=0, msg=k)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])  # the resumed run drew exactly as many
     assert int(a["distiller"]["updates"]) == 2
+    # the draws depend on the RNG: with the trained matching (groups of 2), another seed, another target
+    d = make(digits_context(student_options={"widths": narrow}), pairs=PAIRS, reducer="rd")
+    d.load_state_dict(a["distiller"])
+    assert all(tuple(d._buf(i, "groups").shape) == (w, 2) for i, w in enumerate(narrow))
+    t = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    draws = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        draws.append(d.reduce(0, t)[0])
+    assert not torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
     exported = torch.load(tmp_path / "full" / "student.pt", weights_only=True)
     assert not any(k.startswith(("norms", "stage")) for k in exported)  # the BN is not part of the student
     history = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]

@@ -23,15 +23,20 @@ Which parts are whose:
 * **paper / official code**: the cost (mean over images of ``2 - 2 cos`` between spatially normalised maps,
   raw student features, both nets in eval mode), the balanced stacked assignment for ``tc % sc == 0``, the
   reducers AMP (absolute max, sign kept, group margin = mean of its margins; the official code lacked the
-  ``abs`` until March 2021, ``amp_absolute: false`` restores that), RD and SM, the student-side BN, the
+  ``abs`` until March 2021, ``amp_absolute: false`` restores that), RD and SM, the student-side BN (a
+  SyncBatchNorm under ``train.sync_batchnorm`` on CUDA, as the official ``--sync-bn`` makes it), the
   margins from the teacher BN that precedes the feature (``m - s * phi(m/s) / Phi(-m/s)`` if
   ``Phi(-m/s) > 1e-3`` else ``-3 s``, with s = |gamma|, m = beta), the partial L2, the stage weights, the
-  ``/ batch / 1e4`` normaliser, ~20k images for the statistics, the Hinton term with T = 1.5.
+  ``/ batch / 1e4`` normaliser, ~20k images for the statistics, drawn anew (shuffled) at every matching
+  update (``stats_subset: redraw``, the default), the Hinton term with T = 1.5.
 * **ours** (the official code does not do these, or does them differently): non-divisible widths keep every
   teacher channel (``tc % sc`` student channels take one more, chosen optimally; the official code drops
   the highest-index teacher channels); a wider student is supported (``wide_student``; the official code
   crashes); statistics are accumulated per DDP shard and all-reduced (official: every rank sees the same
-  images and rank 0's solution is broadcast); the matching is a persistent buffer, saved in every
+  images and rank 0's solution is broadcast); the redrawn subset of update u comes from a generator seeded
+  by (``train.seed``, u), the same on every rank (each then takes its shard) and repeated on resume (u is the
+  checkpointed ``updates`` buffer; official: a shuffled DataLoader, not repeated on resume); ``stats_subset:
+  fixed`` uses one seeded subset for every update instead; the matching is a persistent buffer, saved in every
   checkpoint and restored on resume (official: recomputed); margins are computed from the *loaded*
   teacher; where no BatchNorm precedes a feature (pre-activation WRN blocks, post-ReLU points) the margin
   is the measured mean of the negative teacher responses E[t | t < 0] (the quantity the BN formula
@@ -49,7 +54,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +72,9 @@ from featkd.methods.mgd_matching import (
     solve_matching,
 )
 
+if TYPE_CHECKING:
+    from featkd.data import Loader
+
 #: official cut-off of the BN margin: below this probability of a negative response the margin is -3 s
 MARGIN_MIN_NEGATIVE_PROBABILITY = 1e-3
 #: official fallback margin, in units of the BN scale |gamma|
@@ -77,6 +85,8 @@ OFFICIAL_NORMALIZER = 1e4
 #: 224 px: 128x56x56 / 8 = 256x28x28 / 4 = 512x14x14 / 2 = 1024x7x7 = 50,176 (the weights 1/2^(L-1-i)
 #: exactly compensate the halving of the element count per stage); normalizer "scaled" keeps this ratio
 OFFICIAL_WEIGHTED_ELEMENTS_PER_STAGE = 50176.0
+#: separates the statistics-subset stream (seed, update index) from the other streams drawn from the run's seed
+STATS_SUBSET_STREAM = 0x6D676473
 
 
 @dataclass
@@ -93,6 +103,9 @@ class MatchingGuidedConfig(DistillerConfig):
     normalizer: float | Literal["scaled"] = OFFICIAL_NORMALIZER
     kd_temperature: float = 1.5  # official T for the optional Hinton term (kd_weight > 0; official weight 1)
     stats_images: int | None = 20000  # images of the training split per matching update (official ~20k); null = all
+    # which stats_images: "redraw" (official: a new shuffled draw at every update, seeded by (train.seed, update
+    # index)); "fixed" (the same seeded subset at every update)
+    stats_subset: Literal["redraw", "fixed"] = "redraw"
     stats_batch_size: int | None = None  # batch of the statistics pass; null = data.eval_batch_size
     update_every: int = 1  # re-solve every N epochs/steps after the initial solve; 0 = solve once (official 1)
     update_unit: Literal["epoch", "step"] = "epoch"  # ours: "step" for iteration schedules
@@ -362,13 +375,31 @@ class MatchingGuidedDistiller(Distiller):
     def _teacher_map(self, i: int, t: Tensor) -> Tensor:
         return resize_like(t, self.stages[i].size) if self.cfg.resize_teacher else t
 
+    def stats_seed(self, run_seed: int) -> int:
+        """The seed of the next update's subset of ``stats_images`` training images.
+
+        ``redraw``: drawn from (run seed, update index), the index being the ``updates`` buffer (0 for the
+        first solve), so every update sees other images, every rank draws the same subset, and a resumed run
+        (``updates`` is checkpointed) repeats the subsets of the uninterrupted one. ``fixed``: the run's seed.
+        """
+        if self.cfg.stats_subset == "fixed":
+            return run_seed
+        from featkd.data.augment import mix_seed  # featkd.data is heavy to import; loaded by now anyway
+
+        return mix_seed(run_seed, STATS_SUBSET_STREAM, int(self.updates))
+
+    def stats_loader(self, ctx: RunContext) -> Loader:
+        """This rank's shard of the next update's statistics images (the training split, eval transforms)."""
+        return ctx.train_eval_loader(limit=self.cfg.stats_images, batch_size=self.cfg.stats_batch_size,
+                                     seed=self.stats_seed(ctx.seed))
+
     @torch.no_grad()
     def collect_statistics(self, ctx: RunContext) -> list[StageStatistics]:
         """One pass over (up to ``stats_images`` of) the training split, eval transforms, both nets in eval
         mode, no grad; sums all-reduced over ranks (every rank must call this)."""
         device = ctx.device
         stats = [StageStatistics(st.student_channels, st.teacher_channels, device) for st in self.stages]
-        loader = ctx.train_eval_loader(limit=self.cfg.stats_images, batch_size=self.cfg.stats_batch_size)
+        loader = self.stats_loader(ctx)
         for _x, _y, t_out, s_out in ctx.iter_features(loader):
             if t_out is None:
                 raise FeatkdError("method mgd needs a teacher")
