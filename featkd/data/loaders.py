@@ -12,6 +12,10 @@ Every loader follows the :class:`Loader` protocol. ``batch_size`` is always the 
   exactly once. Ranks may then yield different numbers of batches: only all-reduce after the loop.
 
 Labels are class ids (B,) for classification or masks (B, H, W) for segmentation, both int64 on the device.
+
+The in-memory loaders also record, in ``batch_indices``, the (B,) int64 indices into their split of the batch
+they yielded last (set before each yield, on the device); iteration stays ``(x, y)``. A loader without the
+attribute (the DataLoader-backed ones) cannot serve methods that need them (``Distiller.needs_indices``).
 In-memory masks are stored as uint8 (values ``0..num_classes-1`` or the ignore index, so at most 255
 classes) and widened per batch; train augmentation crops and flips a mask exactly like its image and pads it
 with the ignore index (:func:`featkd.data.augment.crop_flip_masks`).
@@ -171,6 +175,7 @@ class InMemoryTrainLoader:
         per_rank = math.ceil(len(split) / world_size)
         self._num_batches = _split_batches(per_rank, self.batch_size, drop_last)
         self.num_samples = min(per_rank, self._num_batches * self.batch_size)
+        self.batch_indices: Tensor | None = None  # split indices of the batch yielded last
 
     def __len__(self) -> int:
         return self._num_batches
@@ -204,6 +209,7 @@ class InMemoryTrainLoader:
                 x = crop_flip(x, offsets, flips, pad)
                 if self.split.dense:
                     y = crop_flip_masks(y, offsets, flips, pad, self.split.ignore_index)
+            self.batch_indices = ix
             yield self.normalize(x), y.long()
 
 
@@ -229,6 +235,7 @@ class InMemoryEvalLoader:
         self.indices = eval_shard_indices(indices, rank=rank, world_size=world_size)
         self.num_samples = len(self.indices)
         self._num_batches = _split_batches(self.num_samples, self.batch_size, drop_last=False)
+        self.batch_indices: Tensor | None = None  # split indices of the batch yielded last
 
     def __len__(self) -> int:
         return self._num_batches
@@ -242,6 +249,7 @@ class InMemoryEvalLoader:
         bs = self.batch_size
         for b in range(self._num_batches):
             ix = idx[b * bs : (b + 1) * bs]
+            self.batch_indices = ix
             yield self.normalize(images[ix]), labels[ix].long()
 
 

@@ -73,6 +73,9 @@ class Batch:
     epoch: int = 0
     step: int = 0  # global optimiser step (0-based) this batch belongs to
     task_losses: dict[str, Tensor] | None = None
+    #: (B,) int64: each sample's index in the training split (0 .. train_size - 1), on the inputs' device;
+    #: set only for methods with ``needs_indices`` (a per-sample memory: CRD), else None
+    indices: Tensor | None = None
 
 
 @dataclass
@@ -99,6 +102,15 @@ class DistInfo:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
 
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order; the
+        tensor itself in a single process. Every rank must call it."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
         if self.enabled:
             torch.distributed.broadcast(tensor, src=src)
@@ -119,6 +131,7 @@ class BuildContext:
     num_classes: int
     device: torch.device
     task: Task | None = None  # None: classification (methods built by hand in tests and scripts)
+    train_size: int | None = None  # samples in the training split (a per-sample memory's rows); None: unknown
 
     def feature_shapes(self, role: str, points: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         """Per-example shapes of capture ``points`` of the ``"teacher"`` or ``"student"`` network."""
@@ -150,27 +163,33 @@ class RunContext:
     log: Callable[[str], None] = print
     eval_batch_size: int = 512
     seed: int = 0
+    task: Task | None = None  # None: classification (contexts built by hand in tests and scripts)
 
-    def train_eval_loader(self, limit: int | None = None, batch_size: int | None = None) -> Loader:
-        """The training split with eval transforms, this rank's shard; ``limit``: a seeded subset."""
+    def train_eval_loader(self, limit: int | None = None, batch_size: int | None = None,
+                          seed: int | None = None) -> Loader:
+        """The training split with eval transforms, this rank's shard; ``limit``: a subset drawn with ``seed``
+        (default: the run's seed), the same on every rank (each rank then takes its shard of it)."""
         return self.data.train_eval_loader(
             batch_size or self.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-            device=self.device, limit=limit, seed=self.seed,
+            device=self.device, limit=limit, seed=self.seed if seed is None else seed,
         )
 
     @torch.no_grad()
     def iter_features(self, loader: Loader) -> Iterator[tuple[Tensor, Tensor, Any, Any]]:
         """Run both captures in eval mode over ``loader``; yields ``(x, y, teacher_out, student_out)``.
 
-        Each ``*_out`` is ``(logits, {point: tensor})``. The student's train/eval mode is restored after.
+        Each ``*_out`` is ``(logits or None, {point: tensor})``, from the task's frozen-model forward
+        (:meth:`~featkd.tasks.base.Task.forward_teacher`: a detector runs only its transform and backbone when
+        every point lies there, not its heads and post-processing). The student's train/eval mode is restored.
         """
+        forward = (self.task or ClassificationTask(1)).forward_teacher
         was_training = self.student.training
         self.student.eval()
         try:
             for x, y in loader:
                 with self.autocast():
-                    t_out = self.teacher_capture(x) if self.teacher_capture is not None else None
-                    s_out = self.student_capture(x)
+                    t_out = forward(self.teacher_capture, x) if self.teacher_capture is not None else None
+                    s_out = forward(self.student_capture, x)
                 yield x, y, t_out, s_out
         finally:
             self.student.train(was_training)
@@ -190,6 +209,12 @@ class Distiller(nn.Module):
     #: buffers that legitimately differ between DDP ranks (e.g. per-rank running sums that the method
     #: all-reduces itself); DDP must not overwrite them with rank 0's copy.
     rank_local_buffers: ClassVar[tuple[str, ...]] = ()
+    #: buffers the method itself keeps identical on every rank (a memory bank updated from all-gathered
+    #: batches); DDP need not broadcast them from rank 0 before every forward
+    self_synced_buffers: ClassVar[tuple[str, ...]] = ()
+    #: the method reads ``Batch.indices`` (training-split index of each sample): the trainer passes the
+    #: train loader's ``batch_indices``, and a data set whose loader has none is an error at build time
+    needs_indices: ClassVar[bool] = False
     #: the tasks the method is defined for (None: any), and why, for the error on another task
     tasks: ClassVar[tuple[str, ...] | None] = None
     task_reason: ClassVar[str] = ""
