@@ -65,7 +65,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, none on CPU
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmarking
     num_threads: int | None = None  # torch CPU threads per process (None = torch's default)
-    sync_batchnorm: bool = False  # convert the student's BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    sync_batchnorm: bool = False  # the student's and the distiller's BatchNorms -> SyncBatchNorm under DDP (CUDA only)
     find_unused_parameters: bool = False  # DDP option, for methods with parameters unused in some steps
     eval_every: int = 1  # evaluate on the test split every N epochs (and always after the last)
     # also write last.pt every N optimiser steps inside an epoch (0: at epoch ends only); resume continues there
@@ -76,6 +76,11 @@ class TrainConfig:
     save_best: bool = True  # keep best.pt, by validation accuracy if data.val_fraction > 0 else test accuracy
     channels_last: bool = False  # models and 4-D input batches in torch.channels_last memory format (GPU speed)
     compile: bool = False  # torch.compile the student's and the teacher's forward (results unchanged)
+    # a folder (e.g. ~/.cache/featkd/teacher) for the teacher's per-step training outputs: the first run of a
+    # stream (teacher, data, seed, world size, ...) writes them, later runs read them instead of running the
+    # teacher, with results unchanged (featkd/engine/teacher_cache.py); null: off
+    teacher_cache: str | None = None
+    teacher_cache_max_gb: float = 10.0  # at most this much per stream on disk; epochs beyond it run the teacher
 
 
 @dataclass

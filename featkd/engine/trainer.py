@@ -4,8 +4,9 @@ It takes a run assembled by :func:`~featkd.engine.build.build_run` (data, task, 
 configured :class:`~featkd.methods.base.Distiller`, captures), adds loader, optimiser and schedule, then runs::
 
     for epoch:  distiller.on_epoch_start
-        for batch:  teacher forward (frozen, no_grad) -> student forward (captures) -> distiller losses
-                    -> NaN/inf check -> backward -> clip -> optimizer & per-iteration LR step
+        for batch:  teacher forward (frozen, no_grad; or read from train.teacher_cache)
+                    -> student forward (captures) -> distiller losses -> NaN/inf check -> backward
+                    -> clip -> optimizer & per-iteration LR step
                     -> distiller.on_step_end
         distiller.on_epoch_end -> evaluate -> checkpoint (last/best, atomic) -> metrics
 
@@ -41,6 +42,7 @@ from featkd.engine.build import build_run
 from featkd.engine.distributed import gather_objects
 from featkd.engine.logging import MetricsWriter, format_epoch, progress, write_json
 from featkd.engine.schedule import lr_factor
+from featkd.engine.teacher_cache import open_teacher_cache
 from featkd.errors import ConfigError, DivergenceError, FeatkdError
 from featkd.features import CapturingModel
 from featkd.methods.base import Batch, Distiller, RunContext
@@ -49,7 +51,7 @@ from featkd.methods.base import Batch, Distiller, RunContext
 RESUMABLE_CHANGES = {
     "train.epochs", "train.stop_after", "train.progress", "train.tensorboard", "train.device", "train.num_threads",
     "train.eval_every", "train.checkpoint_every_steps", "data.num_workers", "data.data_dir",
-    "data.eval_batch_size", "name",
+    "data.eval_batch_size", "name", "train.teacher_cache", "train.teacher_cache_max_gb",
 }
 
 #: signals that stop a run cleanly (SLURM sends SIGUSR1 before its kill when asked to, schedulers SIGTERM):
@@ -75,12 +77,13 @@ class TrainStep(nn.Module):
         self.distiller = distiller
 
     def forward(
-        self, x: Tensor, y: Any, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int
+        self, x: Tensor, y: Any, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int,
+        indices: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], Any]:
         s_logits, s_feats, task_losses = self.distiller.task.forward_student(self.student, x, y)
         batch = Batch(inputs=x, targets=y, student_logits=s_logits, student_features=s_feats,
                       teacher_logits=t_logits, teacher_features=t_feats, epoch=epoch, step=step,
-                      task_losses=task_losses)
+                      task_losses=task_losses, indices=indices)
         return self.distiller(batch), s_logits
 
 
@@ -180,17 +183,21 @@ class Trainer:
             device=self.device, drop_last=True,
         )
         self.steps_per_epoch = len(self.train_loader)
+        if method_cls.needs_indices and not hasattr(self.train_loader, "batch_indices"):
+            raise FeatkdError(f"method {cfg.method_name!r} needs the training-split index of every sample, which "
+                              f"the {cfg.data.dataset!r} loader does not supply (the in-memory data sets do)")
         if self.steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the training split "
                               f"({self.data.train_size} samples); no full batch to train on")
+        self.teacher_cache = open_teacher_cache(run, self.steps_per_epoch)  # a pass-through when off
         self.module: nn.Module = TrainStep(self.student_capture, self.distiller)
         if tc.compile:
             self.module = torch.compile(self.module)
             if self.teacher_capture is not None:
                 self.teacher_capture = torch.compile(self.teacher_capture)
         if self.dist.enabled:
-            if method_cls.rank_local_buffers:
-                names = [f"distiller.{b}" for b in method_cls.rank_local_buffers]
+            if method_cls.rank_local_buffers or method_cls.self_synced_buffers:
+                names = [f"distiller.{b}" for b in (*method_cls.rank_local_buffers, *method_cls.self_synced_buffers)]
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.module, names)
             self.module = DistributedDataParallel(
                 self.module, device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -368,11 +375,13 @@ class Trainer:
         first = 0
         if partial is not None:
             first, sums, correct, seen, t0 = self._restore_partial(partial, t0)
+        self.teacher_cache.begin_epoch(epoch, first)
         # a mid-epoch resume replays the epoch's order and augmentation from its batch `first` on
         batches = progress(itertools.islice(self.train_loader, first, None), len(self.train_loader) - first,
                            f"epoch {epoch + 1}/{tc.epochs}", tc.progress, self.dist.is_main)
+        needs_indices = self.run.method_cls.needs_indices
         for done, (x, y) in enumerate(batches, start=first + 1):
-            losses, s_logits = self.train_step(x, y, epoch)
+            losses, s_logits = self.train_step(x, y, epoch, self.train_loader.batch_indices if needs_indices else None)
             self.distiller.on_step_end(self.global_step - 1, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -381,6 +390,7 @@ class Trainer:
                 correct += counts[0]
                 seen += counts[1]
             self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
+        self.teacher_cache.end_epoch(epoch)
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
         self.history.append(record)
@@ -388,8 +398,10 @@ class Trainer:
         eval_metrics = tuple(m for m in self.task.logged_metrics if m != "loss")
         self.log(format_epoch(record, tc.epochs, self.task.train_metric, eval_metrics))
 
-    def train_step(self, x: Tensor, y: Any, epoch: int) -> tuple[dict[str, Tensor], Any]:
-        """One optimiser step on batch ``(x, y)``: forward both nets, losses, checks, backward, update.
+    def train_step(self, x: Tensor, y: Any, epoch: int, indices: Tensor | None = None
+                   ) -> tuple[dict[str, Tensor], Any]:
+        """One optimiser step on batch ``(x, y)`` (``indices``: its training-split indices, for methods that
+        need them): forward both nets, losses, checks, backward, update.
 
         Returns the (weighted) loss terms and the student's logits. Distiller hooks are not called here.
         """
@@ -399,8 +411,10 @@ class Trainer:
             t_logits, t_feats = None, {}
             if self.teacher_capture is not None:
                 with torch.no_grad():
-                    t_logits, t_feats = self.task.forward_teacher(self.teacher_capture, x)
-            losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step)
+                    t_logits, t_feats = self.teacher_cache.outputs(  # read from train.teacher_cache, or run
+                        epoch, step - epoch * self.steps_per_epoch, x,
+                        lambda: self.task.forward_teacher(self.teacher_capture, x))
+            losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step, indices)
         total = sum(losses.values())
         self._check_finite(total, losses, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -572,6 +586,8 @@ class Trainer:
                        "world_size": self.dist.world_size}
             if message:
                 summary["message"] = message
+            if self.teacher_cache.summary() is not None:
+                summary["teacher_cache"] = self.teacher_cache.summary()  # rank 0's reads and teacher steps
             write_json(self.out_dir / "summary.json", summary)
         return result
 
