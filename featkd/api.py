@@ -207,7 +207,7 @@ class Distillation:
             teacher=teacher, student=student, teacher_capture=self.teacher_capture,
             student_capture=self.student_capture, data=source, device=example_input.device,
             dist=process_group_info(), epochs=epochs, steps_per_epoch=steps_per_epoch, log=log,
-            eval_batch_size=eval_batch_size, seed=seed,
+            eval_batch_size=eval_batch_size, seed=seed, task=self.task,
         )
         self.epoch = 0
         self.step = 0  # optimiser steps so far (on_step_end counts them)

@@ -34,6 +34,10 @@ from featkd.models import create_model
 from featkd.tasks import Task, task_for
 from featkd.zoo import resolve_weights
 
+#: device types on which ``train.sync_batchnorm`` converts BatchNorm to SyncBatchNorm (torch's SyncBatchNorm
+#: refuses other inputs in training under a process group; on the CPU each rank keeps its own statistics)
+SYNC_BATCHNORM_DEVICES = ("cuda",)
+
 
 @dataclass
 class Run:
@@ -74,7 +78,7 @@ class Run:
             student_capture=self.student_capture, data=self.data, device=self.device, dist=self.dist,
             epochs=self.cfg.train.epochs, steps_per_epoch=steps_per_epoch, resumed=resumed,
             out_dir=out_dir if self.dist.is_main else None, autocast=self.autocast, log=self.log,
-            eval_batch_size=self.cfg.data.eval_batch_size, seed=self.cfg.train.seed,
+            eval_batch_size=self.cfg.data.eval_batch_size, seed=self.cfg.train.seed, task=self.task,
         )
 
     @torch.no_grad()
@@ -159,16 +163,18 @@ def method_options(name: str, options: Mapping[str, Any], task: Task,
 
 def build_distiller(
     method_cls: type[Distiller], options: DistillerConfig, teacher: nn.Module | None, student: nn.Module,
-    example: Tensor, num_classes: int, task: Task,
+    example: Tensor, num_classes: int, task: Task, train_size: int | None = None,
 ) -> tuple[Distiller, CapturingModel, CapturingModel | None]:
     """The distiller (on ``example``'s device) and the student's and teacher's captures of its points.
 
     ``example`` is a batch (B >= 2) of the input shape; the models must already be on its device.
+    ``train_size``: samples in the training split (for methods with a per-sample memory), if known.
     """
     input_shape = tuple(example.shape[1:])
     if teacher is not None and isinstance(getattr(options, "pairs", None), list):  # [m[*], m[*]]: levels by stride
         options = replace(options, pairs=expand_entry_pairs(options.pairs, teacher, student, example))
-    build_ctx = BuildContext(teacher, student, input_shape, num_classes, example.device, task)  # type: ignore[arg-type]
+    build_ctx = BuildContext(teacher, student, input_shape, num_classes, example.device, task,  # type: ignore[arg-type]
+                             train_size=train_size)
     distiller = method_cls(options, build_ctx).to(example.device)
     student_capture = CapturingModel(student, distiller.student_points, example)
     teacher_capture = (CapturingModel(teacher, distiller.teacher_points, example)
@@ -218,21 +224,28 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
                           cfg.teacher.model, data.name)
     student_spec = cfg.student if student_checkpoint is None else replace(cfg.student,
                                                                           checkpoint=str(student_checkpoint))
+    # Seeded again: the teacher's random init (before its checkpoint is loaded) draws from the same RNG, so
+    # without this `none` (no teacher) would start from other weights than every distillation method with the
+    # same seed; now one seed is one student init for all methods (featkd bench's paired columns rely on it).
+    ckpt.seed_everything(tc.seed)
     student = build_model(student_spec, data, "student").to(device)
     task.check_output(probe_output(student, example, f"student {cfg.student.model!r}"), "student",
                       cfg.student.model, data.name)
     task.check_models(teacher, student, cfg.teacher.model if cfg.teacher else "", cfg.student.model, data.name)
-    if tc.sync_batchnorm and dist.enabled:
-        if device.type != "cuda":
-            log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
-        else:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    sync_bn = tc.sync_batchnorm and dist.enabled
+    if sync_bn and device.type not in SYNC_BATCHNORM_DEVICES:
+        log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
+        sync_bn = False
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     if tc.channels_last:
         for model in (teacher, student):
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     distiller, student_capture, teacher_capture = build_distiller(method_cls, options, teacher, student, example,
-                                                                  data.num_classes, task)
+                                                                  data.num_classes, task, data.train_size)
+    if sync_bn:  # the distiller's own BatchNorms (norms, connectors) sit in the module DDP wraps: sync them too
+        distiller = nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
     return Run(cfg=cfg, dist=dist, device=device, amp=amp, data=data, task=task, method_cls=method_cls,
                options=options, teacher=teacher, student=student, distiller=distiller,
                teacher_capture=teacher_capture, student_capture=student_capture, log=log)

@@ -95,7 +95,9 @@ class Task:
         return self.logits(output), features, None
 
     def forward_teacher(self, capture: CapturingModel | nn.Module, x: Any) -> tuple[Any, dict[str, Tensor]]:
-        """The frozen teacher's ``(logits or None, {point: feature})`` on ``x``; the caller holds no_grad."""
+        """A frozen model's ``(logits or None, {point: feature})`` on ``x``; the caller holds no_grad and eval
+        mode. The teacher in every training step; both models in the methods' statistics passes
+        (``RunContext.iter_features``)."""
         output, features = capture(x)
         return self.logits(output), features
 
