@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -36,8 +39,13 @@ def test_bench_grid_results_and_resume(tmp_path):
         assert r["step_time_ratio"] > 0
     assert rows["none"]["delta_vs_ce"] == 0
     assert rows["kd"]["step_time_ratio"] == pytest.approx(1.0)
+    # paired columns in the plain table too: per-seed differences over the seeds both rows have
+    assert rows["kd"]["seed_ids"] == rows["none"]["seed_ids"] == [0, 1]
+    diffs = [a - b for a, b in zip(rows["kd"]["accs"], rows["none"]["accs"], strict=True)]
+    assert rows["kd"]["paired"]["none"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert set(rows["none"]["paired"]) == {"kd"} and "val_accs" not in rows["kd"]  # no validation split here
     table = (results / "digits-smoke.md").read_text()
-    assert "| kd | 2 |" in table
+    assert "| kd | 2 |" in table and "paired Δ vs none (± s.e., wins/losses) | paired Δ vs kd" in table
     # half-finished grid: one cell lost its summary -> only that cell runs again
     (runs / "kd" / "seed1" / "summary.json").unlink()
     report = bench(*common, "--no-timing", "--report")  # tables from what finished, nothing trained
@@ -50,3 +58,179 @@ def test_bench_grid_results_and_resume(tmp_path):
     assert "3 of 4 cells already finished; running 1" in second.stdout
     bad = bench("data-limted")
     assert bad.returncode == 2 and "unknown protocol 'data-limted'" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# featkd bench --tune (featkd/bench_tune.py) and the paired columns
+
+def _final(out: Path, key: str) -> float:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1][key]
+
+
+def _edit_final(out: Path, **values: float) -> None:
+    """Overwrite keys of a run's final metrics.jsonl record (and test_acc in its summary.json)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records[-1].update(values)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if "test_acc" in values:
+        summary = json.loads((out / "summary.json").read_text())
+        summary.update(test_acc=values["test_acc"], test_metric=values["test_acc"])
+        (out / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.slow
+def test_tuned_protocol_selects_on_val_resumes_and_pairs(tmp_path, capsys):
+    """digits-smoke-tuned: none (no knobs, 1 trial) and kd (2 trials) on tuning seed 100, then seeds 0 and 1."""
+    from featkd.cli import main
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    common = ["digits-smoke-tuned", "--tune", "--runs-dir", str(runs), "--results-dir", str(results),
+              "--set", "train.epochs=1", "--no-timing"]
+    first = bench(*common, "--jobs", "2")
+    assert first.returncode == 0, first.stderr
+    assert "0 of 3 cells already finished" in first.stdout and "0 of 4 cells already finished" in first.stdout
+    data = json.loads((results / "digits-smoke-tuned.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "kd"} and data["report_seeds"] == [0, 1] and data["tuning_seed"] == 100
+    assert "val_acc" in data["selection_rule"] and data["val_fraction"] == 0.3
+    kd = rows["kd"]
+    # every trial's value is the final-epoch val_acc of its run; the selection is their argmax (ties: first)
+    vals = [_final(runs / "kd" / f"trial{i}", "val_acc") for i in range(2)]
+    assert [t["val_acc"] for t in kd["trials"]] == vals
+    assert [t["setting"] for t in kd["trials"]] == [{"method.kd_weight": 0.5}, {"method.kd_weight": 2.0}]
+    assert kd["selected_trial"] == vals.index(max(vals)) and kd["selection_val"] == max(vals)
+    assert len(rows["none"]["trials"]) == 1 and rows["none"]["selected_setting"] == {}
+    # report runs: the selected setting on seeds 0, 1; one data section (subset, validation split) for all
+    configs = {p.parent.relative_to(runs).as_posix(): yaml.safe_load(p.read_text())
+               for p in runs.glob("*/*/config.yaml")}
+    assert set(configs) == {"none/trial0", "none/seed0", "none/seed1", "kd/trial0", "kd/trial1", "kd/seed0", "kd/seed1"}
+    assert len({json.dumps(c["data"], sort_keys=True) for c in configs.values()}) == 1
+    assert configs["kd/seed1"]["data"]["val_fraction"] == 0.3
+    assert configs["kd/seed1"]["method"]["kd_weight"] == kd["selected_setting"]["method.kd_weight"]
+    assert [configs[f"kd/seed{s}"]["train"]["seed"] for s in (0, 1)] == [0, 1]
+    assert configs["kd/trial0"]["train"]["seed"] == 100
+    assert kd["seed_ids"] == [0, 1] and kd["accs"] == [_final(runs / "kd" / f"seed{s}", "test_acc") for s in (0, 1)]
+    assert kd["val_accs"] == [_final(runs / "kd" / f"seed{s}", "val_acc") for s in (0, 1)]
+    # paired: the per-seed differences, by hand
+    diffs = [a - b for a, b in zip(kd["accs"], rows["none"]["accs"], strict=True)]
+    paired = kd["paired"]["none"]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # stdev of two / sqrt(2)
+    assert (paired["wins"], paired["losses"]) == (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
+    assert rows["none"]["paired"]["kd"]["mean"] == pytest.approx(-paired["mean"])
+    summaries = [json.loads(p.read_text()) for p in runs.glob("*/*/summary.json")]
+    assert data["cost"]["cells"] == 7 and data["cost"]["cell_seconds"] == pytest.approx(
+        sum(s["train_seconds"] for s in summaries))
+    table = (results / "digits-smoke-tuned.md").read_text()
+    assert "paired Δ vs none (± s.e., wins/losses)" in table and "| kd | 2 | kd_weight=" in table
+
+    # the test split is not read: make the other trial the best on test -> nothing changes, nothing trains
+    chosen, other = kd["selected_trial"], 1 - kd["selected_trial"]
+    _edit_final(runs / "kd" / f"trial{other}", test_acc=100.0)
+    _edit_final(runs / "kd" / f"trial{chosen}", test_acc=0.0)
+    assert main(["bench", *common, "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 cells already finished; running 0" in out and "4 of 4 cells already finished; running 0" in out
+    again = {r["method"]: r for r in json.loads((results / "digits-smoke-tuned.json").read_text())["rows"]}
+    assert again["kd"]["selected_trial"] == chosen and again["kd"]["accs"] == kd["accs"]
+    # a diverged trial is recorded and never selected (nor run again)
+    summary_path = runs / "kd" / f"trial{other}" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "status": "diverged"}))
+    assert main(["bench", *common, "--report"]) == 0
+    capsys.readouterr()
+    trials = next(r for r in json.loads((results / "digits-smoke-tuned.json").read_text())["rows"]
+                  if r["method"] == "kd")["trials"]
+    assert trials[other]["status"] == "diverged" and trials[other]["val_acc"] is None
+    assert trials[chosen]["status"] == "finished" and trials[chosen]["val_acc"] == max(vals)
+    summary_path.write_text(json.dumps(summary))
+    # ...but the validation split is: the other trial best on val -> the finished report runs no longer match
+    _edit_final(runs / "kd" / f"trial{other}", val_acc=max(vals) + 1.0)
+    assert main(["bench", *common, "--report"]) == 2
+    err = capsys.readouterr().err
+    assert "kd/seed0 was trained with method.kd_weight=" in err and "use a fresh --runs-dir" in err
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_tuned_protocol_errors(tmp_path, capsys):
+    from featkd import bench_tune
+    from featkd.bench import load_protocol
+    from featkd.cli import main
+    from featkd.errors import FeatkdError
+
+    head = ("name: t\nval_fraction: 0.3\nseeds: 2\nmethods: {none: configs/digits-none-resnet8.yaml, "
+            "kd: configs/digits-kd-resnet20-resnet8.yaml, fitnets: configs/digits-fitnets-resnet20-resnet8.yaml}\n")
+    grids = {
+        "counts": ("tune: {grid: {none: {}, kd: {method.kd_weight: [1, 2]}, fitnets: {method.weight: [1, 2, 3]}}}",
+                   "tune.grid: fitnets has 3 trials, kd has 2: every method with knobs needs the same number"),
+        "missing": ("tune: {grid: {none: {}, kd: {method.kd_weight: [1, 2]}}}",
+                    "tune.grid: no entry for method 'fitnets' (give `fitnets: {}` if it has no knobs)"),
+        "data": ("tune: {grid: {none: {}, kd: {data.train_subset: [100, 200]}, fitnets: {method.weight: [1, 2]}}}",
+                 "data.train_subset cannot be tuned"),
+        "repeat": ("tune: {grid: {none: {}, kd: [{method.kd_weight: 1}, {method.kd_weight: 1}], fitnets: {}}}",
+                   "tune.grid.kd: trial 1 repeats trial 0"),
+    }
+    for name, (tune, message) in grids.items():
+        with pytest.raises(FeatkdError, match=re.escape(message)):
+            load_protocol(_write(tmp_path / f"{name}.yaml", head + tune + "\n"))
+    # every combination, the last key fastest; knob-less methods have 1 trial
+    ok = load_protocol(_write(tmp_path / "ok.yaml", head + "tune: {grid: {none: {}, fitnets: {method.weight: [1, 2, "
+                              "3, 4]}, kd: {method.kd_temperature: [2, 4], method.kd_weight: [0.5, 2]}}}\n"))
+    assert bench_tune.bench.check_tune(ok)["kd"] == [
+        {"method.kd_temperature": 2, "method.kd_weight": 0.5}, {"method.kd_temperature": 2, "method.kd_weight": 2},
+        {"method.kd_temperature": 4, "method.kd_weight": 0.5}, {"method.kd_temperature": 4, "method.kd_weight": 2}]
+    assert bench_tune.report_seeds(ok, 3) == [0, 1, 2]  # tuning seed 100 by default
+    ok.tune.seed = 1
+    with pytest.raises(FeatkdError, match=r"tune\.seed 1 is also a report seed"):
+        bench_tune.report_seeds(ok, 3)
+    ok.tune.reuse_seed = True  # the tuning seed's report run is the selected trial's own folder
+    trials = bench_tune.tuning_cells(ok, ["kd"], tmp_path / "runs")["kd"]
+    picked = bench_tune.Selection(trial=2, setting={}, val=0.0, trials=[])
+    report = bench_tune.report_cells(trials, picked, bench_tune.report_seeds(ok, 3), tmp_path / "runs")
+    assert [c.out.name for c in report] == ["seed0", "trial2", "seed2"]
+    assert report[0].overrides == trials[2].overrides == ("data.val_fraction=0.3", "method.kd_temperature=4",
+                                                          "method.kd_weight=0.5")
+    noval = load_protocol(_write(tmp_path / "noval.yaml", head.replace("val_fraction: 0.3\n", "")
+                                 + "tune: {grid: {none: {}, kd: {}, fitnets: {}}}\n"))
+    with pytest.raises(FeatkdError, match="has no validation split to select on"):
+        bench_tune.tuning_cells(noval, ["none"], tmp_path / "runs")
+    assert main(["bench", "digits-smoke", "--tune"]) == 2
+    assert "has no tune: section to run with --tune (tuned protocols: " in capsys.readouterr().err
+    assert main(["bench", "digits-smoke-tuned"]) == 2
+    assert "is a tuned protocol (it has a tune: section): run it with --tune" in capsys.readouterr().err
+
+
+def test_paired_delta_by_hand():
+    from featkd.bench import paired_delta
+
+    d = paired_delta({0: 85.0, 1: 86.0, 2: 84.0, 3: 90.0}, {0: 84.0, 1: 86.5, 2: 82.0})  # seed 3: no partner
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3 and (d["wins"], d["losses"]) == (2, 1)
+    assert d["mean"] == pytest.approx((1.0 - 0.5 + 2.0) / 3)
+    assert d["se"] == pytest.approx(statistics.stdev([1.0, -0.5, 2.0]) / 3**0.5)
+    assert paired_delta({0: 1.0}, {1: 1.0}) is None
+
+
+def test_one_seed_is_one_student_init_data_order_and_val_split_for_every_method():
+    """What the paired columns rely on: none (no teacher is built) starts where the distillation methods do."""
+    import torch
+
+    from featkd.config import load_config
+    from featkd.engine.build import build_run
+
+    def state(config: str):
+        cfg = load_config(ROOT / "configs" / config, ["train.seed=3", "data.val_fraction=0.3"])
+        run = build_run(cfg, log=lambda _m: None)
+        loader = run.data.train_loader(32, seed=3)
+        loader.set_epoch(1)
+        val = torch.cat([x for x, _ in run.data.val_loader(256)])
+        return run.student.state_dict(), next(iter(loader))[1], val
+
+    none, kd, fitnets = (state(c) for c in ("digits-none-resnet8.yaml", "digits-kd-resnet20-resnet8.yaml",
+                                            "digits-fitnets-resnet20-resnet8.yaml"))
+    for other in (kd, fitnets):
+        assert all(torch.equal(none[0][k], other[0][k]) for k in none[0])
+        assert torch.equal(none[1], other[1]) and torch.equal(none[2], other[2])

@@ -1,7 +1,9 @@
-"""``featkd bench PROTOCOL [--methods ...] [--seeds N] [--jobs J]``: run a benchmark protocol's grid.
+"""``featkd bench PROTOCOL [--tune] [--methods ...] [--seeds N] [--jobs J]``: run a benchmark protocol's grid.
 
 Finished cells are kept (the grid resumes where it stopped); results go to
-``benchmarks/results/<protocol>.json`` and ``.md`` (+ plots). See ``benchmarks/README.md``.
+``benchmarks/results/<protocol>.json`` and ``.md`` (+ plots). A protocol with a ``tune:`` section runs with
+``--tune`` (:mod:`featkd.bench_tune`: trials selected on the validation split, then N report seeds).
+``--estimate RESULTS_JSON`` trains nothing and prints the grid's expected cost. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-timing", action="store_true", help="skip the step-time ratio measurement")
     p.add_argument("--report", action="store_true",
                    help="train nothing: write the tables from the cells that have finished so far")
+    p.add_argument("--tune", action="store_true",
+                   help="a tuned protocol (one with a tune: section): every method's trials on the tuning seed, "
+                        "the best final-epoch validation value selected, then run on --seeds report seeds")
+    p.add_argument("--estimate", metavar="RESULTS_JSON",
+                   help="train nothing: print the expected cost of the grid from the per-run train_s of the rows "
+                        "of RESULTS_JSON (e.g. benchmarks/results/data-limited.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,9 +48,23 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds or protocol.seeds
     if seeds < 1 or args.jobs < 1:
         raise FeatkdError("--seeds and --jobs must be at least 1")
+    if args.tune and protocol.tune is None:
+        raise FeatkdError(f"protocol {protocol.name} has no tune: section to run with --tune (tuned protocols: "
+                          f"{', '.join(bench.tuned_protocols()) or 'none'})")
+    if protocol.tune is not None and not args.tune:
+        raise FeatkdError(f"protocol {protocol.name} is a tuned protocol (it has a tune: section): run it with --tune")
     runs_dir = Path(args.runs_dir or f"runs/bench/{protocol.name}")
-    cells = bench.grid(protocol, args.methods, seeds, runs_dir)
     extra = [x for item in args.overrides for x in ("--set", item)]
+    if args.estimate:
+        from featkd import bench_tune
+
+        labels = bench.select_labels(protocol, args.methods)
+        estimate = bench_tune.estimate(protocol, labels, seeds, args.estimate, args.overrides)
+        print(bench_tune.estimate_text(estimate, args.jobs))
+        return 0
+    if args.tune:
+        return run_tuned(args, protocol, seeds, runs_dir, extra)
+    cells = bench.grid(protocol, args.methods, seeds, runs_dir)
     t0 = time.perf_counter()
     outcomes = [] if args.report else bench.run_grid(cells, args.jobs, extra)
     failed = [(c, msg) for c, code, msg in outcomes if code != 0]
@@ -68,5 +90,59 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         for cell, msg in failed:
             print(f"FAILED: {cell.label} seed {cell.seed}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: list[str]) -> int:
+    """``--tune``: both phases of :mod:`featkd.bench_tune`, then its table; the cost is printed and stored."""
+    import json
+    import shlex
+    import sys
+    import time
+    from pathlib import Path
+
+    from featkd import bench, bench_tune
+    from featkd.errors import FeatkdError
+    from featkd.timing import environment
+
+    t0 = time.perf_counter()
+    labels = bench.select_labels(protocol, args.methods)
+    tuned = bench_tune.run(protocol, labels, seeds, runs_dir, args.jobs, extra, train=not args.report)
+    failed = [(c, msg) for c, code, msg in tuned.outcomes  # a diverged trial is its setting's outcome, recorded
+              if code != 0 and not (c.trial is not None and bench_tune.diverged(c))]
+    rows = bench_tune.summarise(protocol, tuned)
+    if not rows:
+        raise FeatkdError(f"no method of {protocol.name} has finished report runs in {runs_dir}")
+    if not args.no_timing:
+        print("measuring step times side by side (the selected settings) ...")
+        settings = {r["method"]: bench.trial_overrides(r["selected_setting"]) for r in rows}
+        ratios = bench.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir, settings=settings)
+        for r in rows:
+            r["step_time_ratio"] = ratios.get(r["method"])
+    cost = {**bench_tune.cost(tuned), "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs}
+    first = next(iter(tuned.trials.values()))[0]
+    meta = {"protocol": protocol.name, "tuned": True,
+            "command": "featkd bench " + " ".join(map(shlex.quote, sys.argv[2:])), "runs_dir": str(runs_dir),
+            "selection_rule": bench_tune.selection_rule(protocol, rows[0]["metric"]),
+            "tuning_seed": protocol.tune.seed, "reuse_seed": protocol.tune.reuse_seed,
+            "report_seeds": bench_tune.report_seeds(protocol, seeds),
+            "val_fraction": bench_tune.require_val(protocol, first), "paired_against": protocol.paired_baselines(),
+            "wall_seconds": cost["wall_seconds"], "cost": cost, "environment": environment()}
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{protocol.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    table = bench_tune.markdown(protocol, rows, meta)
+    (out / f"{protocol.name}.md").write_text(table)
+    plots = bench.plot(protocol, rows, tuned.report_cells(), out / protocol.name)
+    print(table)
+    print(f"tuned protocol cost: {cost['cells']} runs ({cost['tuning_cells']} tuning, {cost['report_cells']} "
+          f"report), sum of run times {cost['cell_seconds']:.0f} s ({cost['cell_seconds'] / 3600:.2f} CPU-core h "
+          f"at one thread per run), wall {cost['wall_seconds']:.0f} s with {args.jobs} job(s) for this invocation")
+    print(f"wrote {out / (protocol.name + '.json')}, {out / (protocol.name + '.md')}"
+          + "".join(f", {p}" for p in plots))
+    if failed:
+        for cell, msg in failed:
+            print(f"FAILED: {cell.name}: {msg}", file=sys.stderr)
         return 1
     return 0
