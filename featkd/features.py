@@ -27,6 +27,10 @@ instance attribute, removed again after the call) by its traced copy, which reco
 the model runs as usual and hook points work anywhere. Points whose tensor is later modified in place by the
 model (``nn.ReLU(inplace=True)`` after a captured sum, say) are cloned at capture time, so a capture always
 holds the value the point had when it was produced.
+
+A point may end in a layout suffix (``"encoder.layers.encoder_layer_3:tokens"``, ``":tokens=1"``, ``":nhwc"``):
+the tensor captured at the point before the suffix is returned as a (B, C, H, W) map, a ViT's tokens without
+the class token reshaped to the patch grid (:mod:`featkd.layouts`, the one adapter every method relies on).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from featkd.errors import FeatkdError, did_you_mean
+from featkd.layouts import split_point, to_map
 
 INPUT_SUFFIX = ":input"
 _ENTRY = re.compile(r"^(?P<module>.+)\[(?P<key>[^\[\]]+)\]$")  # "backbone.fpn[0]" -> ("backbone.fpn", "0")
@@ -143,6 +148,7 @@ def trace(model: nn.Module) -> TracedModel:
     captured with hooks, and fx nodes inside its traceable sub-modules are available).
     """
     tracer = _ScopedTracer()
+    state = {m: dict(vars(m)) for m in model.modules()}
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; the user needs the model name and the cause
@@ -150,6 +156,8 @@ def trace(model: nn.Module) -> TracedModel:
             f"{type(model).__name__} is not torch.fx-traceable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "capture module outputs or 'module:input' points instead of fx nodes"
         ) from None
+    finally:
+        _drop_cached_proxies(state)
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__ + "Traced")
     # Node objects are shared between `graph` and `gm.graph` (GraphModule keeps the graph it is given).
     traced = TracedModel(model=model, graph_module=gm)
@@ -185,6 +193,19 @@ def trace(model: nn.Module) -> TracedModel:
             traced.nodes[mod_name + INPUT_SUFFIX] = args[0].node
             traced.kinds[mod_name + INPUT_SUFFIX] = "input"
     return traced
+
+
+def _drop_cached_proxies(state: dict[nn.Module, dict[str, Any]]) -> None:
+    """Undo what a traced forward cached on its modules: fx runs it on Proxies, and a module that keeps a
+    value computed there (torchvision's ``MultiScaleRoIAlign`` sets ``scales`` / ``map_levels`` on its first
+    call) would keep a Proxy that breaks its next real call. Each such attribute gets its old value back."""
+    for module, before in state.items():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.fx.Proxy):
+                if key in before:
+                    setattr(module, key, before[key])
+                else:
+                    delattr(module, key)
 
 
 def _try_trace(model: nn.Module) -> TracedModel | None:
@@ -382,7 +403,9 @@ class CapturingModel(nn.Module):
 
     Args:
         model: any ``nn.Module``; kept as ``self.model`` and never modified structurally.
-        points: capture points (see the module docstring); may be empty.
+        points: capture points (see the module docstring); may be empty. A point may end in a layout
+            suffix, ``:tokens``, ``:tokens=P`` or ``:nhwc`` (:mod:`featkd.layouts`): its tensor is then
+            returned as a (B, C, H, W) map.
         example_input: a batch (B >= 2) used once, in eval mode and without grad, to check the points
             and record their shapes in :attr:`shapes` (``{point: shape without the batch dim}``).
     """
@@ -391,8 +414,12 @@ class CapturingModel(nn.Module):
         super().__init__()
         self.model = model
         self.points = tuple(dict.fromkeys(points))
+        # point -> (the point it is captured at, layout suffix or None); several points may share a source
+        self._layouts = {p: split_point(p) for p in self.points}
+        self._sources = tuple(dict.fromkeys(src for src, _ in self._layouts.values()))
+        self._input_hw: tuple[int, int] | None = _spatial_size(example_input)  # for run(), which has no input
         modules = _module_names(model)
-        node_points = [p for p in self.points if _hook_target(p, modules) is None]
+        node_points = [p for p in self._sources if _hook_target(p, modules) is None]
         self._captured: dict[str, Any] = {}
         self._clone: set[str] = set()
         self._versions: dict[str, int] | None = None
@@ -401,16 +428,16 @@ class CapturingModel(nn.Module):
         traced = _try_trace(model) if node_points else None
         self._use_fx = traced is not None
         if traced is not None:  # one traced copy of the whole forward, every point a node of it
-            for p in self.points:
+            for p in self._sources:
                 if p not in traced.nodes:
                     keys = [k[len(p) + 1:-1] for k in traced.nodes if k.startswith(p + "[")]
                     if keys:  # a module whose output is a dict or a tuple
                         raise _not_a_tensor_error(model, p, "dict or tuple", keys)
                     raise _unknown_point_error(model, p, traced.names())
             # Not registered as a submodule: it shares every parameter with self.model already.
-            object.__setattr__(self, "_graph_module", _capturing_graph_module(traced, self.points))
+            object.__setattr__(self, "_graph_module", _capturing_graph_module(traced, self._sources))
         else:  # hooks for module points; traced sub-modules, swapped in while we run, for fx nodes
-            hook_points = [p for p in self.points if p not in node_points]
+            hook_points = [p for p in self._sources if p not in node_points]
             self._subgraphs = _subgraphs(model, node_points, hook_points) if node_points else []
             in_subgraphs = {p for sub in self._subgraphs for p in sub.points}
             for p in hook_points:
@@ -490,14 +517,13 @@ class CapturingModel(nn.Module):
                 self._clone = {p for p, v in self._versions.items() if self._captured[p]._version != v}
                 self._versions = None
                 self._captured.clear()
-            _, feats = self(example_input)
+            _, feats = self._capture(example_input)
         finally:
             self.model.train(was_training)
-        missing = [p for p in self.points if p not in feats]
+        missing = [p for p in self._sources if p not in feats]
         if missing:
             raise FeatkdError(f"capture point {missing[0]!r} of {type(self.model).__name__} was never run")
-        shapes = {}
-        for p in self.points:
+        for p in self._sources:
             t = feats[p]
             if isinstance(t, _MissingEntry):
                 keys = ", ".join(k for k, _ in entries(t.output)) or "none"
@@ -506,19 +532,28 @@ class CapturingModel(nn.Module):
             if not isinstance(t, Tensor):
                 keys = [k for k, v in entries(t) if isinstance(v, Tensor)]
                 raise _not_a_tensor_error(self.model, p, type(t).__name__, keys)
-            shapes[p] = tuple(t.shape[1:])
-        return shapes
+        return {p: tuple(t.shape[1:]) for p, t in self._adapt(feats, self._input_hw).items()}
 
     def forward(self, x: Tensor, *args: Any) -> tuple[Any, dict[str, Tensor]]:
         """``(model(x, *args), {point: tensor})``; ``args``: further inputs of the model's forward (a
         detector's targets in train mode)."""
+        out, feats = self._capture(x, *args)
+        return out, self._adapt(feats, _spatial_size(x))
+
+    def _capture(self, x: Tensor, *args: Any) -> tuple[Any, dict[str, Any]]:
+        """``(model(x, *args), {source point: captured value})``, before any layout is applied."""
         if self._use_fx:
             out, feats = self._graph_module(x, *args)
-            return out, dict(zip(self.points, feats, strict=True))
+            return out, dict(zip(self._sources, feats, strict=True))
         out = self._run_model(x, *args)
-        feats = {p: self._captured[p] for p in self.points if p in self._captured}
+        feats = {p: self._captured[p] for p in self._sources if p in self._captured}
         self._captured.clear()
         return out, feats
+
+    def _adapt(self, feats: dict[str, Any], input_hw: tuple[int, int] | None) -> dict[str, Any]:
+        """``{point: tensor}`` from the captured sources: points with a layout suffix as (B, C, H, W) maps."""
+        return {p: feats[src] if layout is None else to_map(feats[src], layout, p, input_hw)
+                for p, (src, layout) in self._layouts.items() if src in feats}
 
     @property
     def traced_whole(self) -> bool:
@@ -537,14 +572,19 @@ class CapturingModel(nn.Module):
         self._captured.clear()
         with self._swapped_forwards():
             out = fn()
-        feats = {p: self._captured[p] for p in self.points if p in self._captured}
+        feats = {p: self._captured[p] for p in self._sources if p in self._captured}
         self._captured.clear()
-        return out, feats
+        return out, self._adapt(feats, self._input_hw)
 
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _spatial_size(x: Any) -> tuple[int, int] | None:
+    """(H, W) of an image batch (B, C, H, W), whose aspect ratio a token point's patch grid has; else None."""
+    return (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, Tensor) and x.ndim == 4 else None
 
 
 @dataclass
@@ -684,8 +724,10 @@ def preceding_batchnorm(model: nn.Module, point: str) -> nn.BatchNorm2d | None:
     For a residual sum ``add(bn2(conv2(...)), shortcut)`` this is the residual branch's last BN (the
     first argument is searched first); for a BN module it is the module itself. ``None`` when the walk
     meets a convolution or linear layer, or the input, before any BatchNorm. In a model that does not trace
-    as a whole, the walk stays inside the traced sub-module that holds ``point``.
+    as a whole, the walk stays inside the traced sub-module that holds ``point``. A layout suffix
+    (``:tokens``, :mod:`featkd.layouts`) is ignored.
     """
+    point = split_point(point)[0]
     modules = _module_names(model)
     if isinstance(modules.get(point), nn.BatchNorm2d):
         return modules[point]

@@ -17,13 +17,13 @@ def test_vit_layers_hide_non_tensor_nodes(capsys, one_thread):
     pytest.importorskip("torchvision")
     args = ("torchvision:vit_b_16", "--input-shape", "1,32,32", "--option", "image_size=32")
     rows, err = table(capsys, *args)
-    ops = {row[2] for row in rows if len(row) == 4}
+    ops = {row[2] for row in rows if len(row) in (4, 5)}  # 5: (N, C) tokens get a leading+grid column
     assert not ops & {"getattr", "assert", "eq", "dim", "floordiv", "getitem_1"}
     assert all(row[-1] != "-" for row in rows)  # every listed point has a shape
     names = [row[0] for row in rows]
     assert "encoder.layers.encoder_layer_0.self_attention" not in names  # a (tensor, None) tuple
     assert "class_token" not in names and "encoder.pos_embedding" not in names  # parameters, not activations
-    assert ["encoder.layers.encoder_layer_11.add_1", "node", "add", "5x768"] in rows
+    assert ["encoder.layers.encoder_layer_11.add_1", "node", "add", "5x768", "1+2x2"] in rows  # class token + 2x2
     assert ["conv_proj", "module", "Conv2d", "768x2x2"] in rows
     hidden = int(err.split()[0].lstrip("("))
     assert "--all lists them" in err

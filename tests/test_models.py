@@ -26,6 +26,7 @@ EXPECTED_NAMES = {
     "shufflenetv2",
     "plaincnn",
 }
+FIXED_SIZE_NAMES = {"vit_tiny_p4"}  # take only inputs of the image_size they are built for (test_vit_tiny_contract)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +58,7 @@ def inplace_nodes(graph: fx.Graph) -> list[str]:
 
 
 def test_registered_names() -> None:
-    assert set(list_models()) == EXPECTED_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
+    assert set(list_models()) == EXPECTED_NAMES | FIXED_SIZE_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
@@ -236,6 +237,37 @@ def test_user_errors(name: str, kwargs: dict, match: str) -> None:
 def test_bad_num_classes() -> None:
     with pytest.raises(FeatkdError, match="num_classes must be a positive integer"):
         create_model("resnet8", num_classes=0)
+
+
+def test_vit_tiny_contract() -> None:
+    """torchvision's VisionTransformer itself with 4x4 patches: the CNNs' contract at its own image_size."""
+    vt = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    gray = create_model("vit_tiny_p4", num_classes=10, in_channels=1)
+    rgb = create_model("vit_tiny_p4", num_classes=100, in_channels=3, image_size=32, num_layers=2)
+    assert type(gray) is vt.VisionTransformer and gray.conv_proj.in_channels == 1
+    assert gray.conv_proj.kernel_size == gray.conv_proj.stride == (4, 4) and len(gray.encoder.layers) == 4
+    reference = vt.VisionTransformer(image_size=28, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64,
+                                     mlp_dim=128, num_classes=10).state_dict()
+    assert {k: v.shape[:1] for k, v in gray.state_dict().items()} == {k: v.shape[:1] for k, v in reference.items()}
+    with torch.no_grad():
+        assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert rgb(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    for model, num_classes in ((gray, 10), (rgb, 100)):
+        assert classifier_name(model) == "heads.head" and model.heads.head.out_features == num_classes
+        assert list(model.named_modules())[-1][1] is model.heads.head
+    assert [n for n, m in gray.named_modules() if getattr(m, "inplace", False)] == []
+    traced = fx.symbolic_trace(gray)
+    assert inplace_nodes(traced.graph) == []
+    gray.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), gray(x))
+    with pytest.raises(FeatkdError, match=r"model 'vit_tiny_p4': image_size must be a positive multiple of the "
+                                          r"patch size 4, got 30"):
+        create_model("vit_tiny_p4", num_classes=10, image_size=30)
+    with pytest.raises(FeatkdError, match=r"hidden_dim divisible by num_heads, got 4, 66, 4"):
+        create_model("vit_tiny_p4", num_classes=10, hidden_dim=66)
 
 
 # --- torchvision adapter ---

@@ -9,6 +9,10 @@ module returning a tuple such as ``nn.MultiheadAttention``, reads of parameters 
 ``class_token``: nothing a method can distil) are hidden unless ``--all`` is given; a line on stderr says how
 many.
 
+A per-example (N, C) shape that reads as tokens (0, 1 or 2 leading tokens + a patch grid of the input's aspect,
+:mod:`featkd.layouts`) gets a last column, ``1+7x7``: capture the point as ``NAME:tokens`` to distil it as a
+(C, 7, 7) map.
+
 ``--groups`` shows instead the layer groups found from the model's graph and shapes (the blocks of each
 same-spatial-size stage, as DFA uses them; :mod:`featkd.groups`); with ``--student NAME`` also the
 student's groups and how the two are paired.
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.config import parse_override
     from featkd.errors import FeatkdError
     from featkd.features import list_capture_points
+    from featkd.layouts import token_hint
     from featkd.models import create_model
 
     shape = parse_shape(args.input_shape)
@@ -80,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
         rows = [p for p in rows if per_example(p)]
     width = max([len(p.name) for p in rows] + [4])
     op_width = max([len(p.op) for p in rows] + [18])
-    print(f"{'name':<{width}}  {'kind':<6}  {'op':<{op_width}}  shape (per example, input {'x'.join(map(str, shape))})")
-    for p in rows:
-        dims = "x".join(map(str, p.shape)) if p.shape is not None else "-"
-        print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<{op_width}}  {dims}")
+    dims = ["x".join(map(str, p.shape)) if p.shape is not None else "-" for p in rows]
+    tokens = [token_hint(p.shape, shape[1:]) for p in rows]  # (N, C) shapes that read as tokens
+    shape_title = f"shape (per example, input {'x'.join(map(str, shape))})"
+    dims_width = max([len(d) for d in dims] + [len(shape_title)]) if any(tokens) else 0
+    print(f"{'name':<{width}}  {'kind':<6}  {'op':<{op_width}}  {shape_title:<{dims_width}}"
+          + ("  tokens (leading+grid, as NAME:tokens)" if any(tokens) else ""))
+    for p, d, t in zip(rows, dims, tokens, strict=True):
+        print(f"{p.name:<{width}}  {p.kind:<6}  {p.op:<{op_width}}  " + (f"{d:<{dims_width}}  {t}" if t else d))
     if hidden:  # on stderr: stdout stays the table
         print(f"({hidden} points that are no per-example tensor are hidden: sizes, asserts, getattr, tuples, "
               "parameters...; --all lists them)", file=sys.stderr)

@@ -63,11 +63,14 @@ def check_spatial(
     s_point: str, s_shape: Sequence[int], t_point: str, t_shape: Sequence[int], resize: bool,
     option: str = "method.resize_teacher",
 ) -> None:
-    """Raise a clear error if two (C, H, W) feature shapes differ spatially and resizing is off."""
+    """Raise a clear error if two (C, H, W) feature shapes differ spatially and resizing is off (a point of
+    (N, C) tokens gets the hint to capture it as ``POINT:tokens``, :mod:`featkd.layouts`)."""
     if len(s_shape) != 3 or len(t_shape) != 3:
+        tokens = [p for p, shape in ((s_point, s_shape), (t_point, t_shape)) if len(shape) == 2]
+        hint = f"; for (N, C) tokens capture '{tokens[0]}:tokens' (or ':tokens=P', ':nhwc')" if tokens else ""
         raise FeatkdError(
             f"student {s_point!r} {tuple(s_shape)} and teacher {t_point!r} {tuple(t_shape)}: "
-            "expected feature maps of shape (C, H, W)"
+            f"expected feature maps of shape (C, H, W){hint}"
         )
     if tuple(s_shape[1:]) != tuple(t_shape[1:]) and not resize:
         raise FeatkdError(

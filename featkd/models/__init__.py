@@ -5,11 +5,15 @@ only (a tensor), uses no in-place operation and is traceable by :func:`torch.fx.
 
 - Classifiers return (B, K) and end with an ``nn.Linear`` classifier (last in ``named_modules()`` order,
   see :func:`classifier_name`).
+- ``vit_tiny_p4`` (:mod:`featkd.models.vit`) is torchvision's ViT with 4x4 patches; unlike the CNNs it takes
+  only inputs of its ``image_size`` (default 28), and its blocks output (B, 1 + h*w, C) tokens (capture them as
+  ``point:tokens``, :mod:`featkd.layouts`).
 - Segmenters (``fcn_<backbone>``, ``deeplab_<backbone>``: :mod:`featkd.models.segmentation`) return
   (B, K, H, W) logits at the input's size and end with a 1x1 convolution.
-- Detectors (``retinanet_<backbone>``, ``fcos_<backbone>``: :mod:`featkd.models.detection`) are
-  torchvision's RetinaNet / FCOS on a featkd trunk: a list of ``{boxes, labels, scores}`` in eval mode, their
-  loss dict in train mode (called with targets); like torchvision's, they do not trace as a whole.
+- Detectors (``retinanet_<backbone>``, ``fcos_<backbone>``, ``fasterrcnn_<backbone>``, ``maskrcnn_<backbone>``:
+  :mod:`featkd.models.detection`) are torchvision's RetinaNet / FCOS / Faster R-CNN / Mask R-CNN on a featkd
+  trunk: a list of ``{boxes, labels, scores[, masks]}`` in eval mode, their loss dict in train mode (called
+  with targets); like torchvision's, they do not trace as a whole.
 
 Models from the user's code, ``package.module:callable`` (:mod:`featkd.models.user`), are imported and
 called with their options; they only have to return an ``nn.Module`` whose output fits the task.
@@ -41,7 +45,7 @@ TORCHVISION_PREFIX = "torchvision:"
 TIMM_PREFIX = "timm:"  # the optional timm package (featkd.models.timm_models)
 
 # Each model file registers its models in MODELS when imported.
-for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn", "segmentation",
+for _module in ("mobilenetv2", "plain_cnn", "resnet_cifar", "shufflenetv2", "vgg", "wrn", "vit", "segmentation",
                 "detection"):
     importlib.import_module(f"featkd.models.{_module}")
 
