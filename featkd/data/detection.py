@@ -18,6 +18,17 @@ uint8 mask at the image's size. :class:`DetectionSource` then builds a
 * train augmentation: horizontal flip (``data.hflip``, default on) of the image, its boxes
   (``x1' = W - x2``) and masks, drawn per (seed, epoch, sample index) like the other in-memory sets
   (:mod:`featkd.data.augment`); random crops (``data.crop_padding``) are not offered for detection;
+* scale jitter (``data.scale_jitter: [lo, hi]``, default off), after the flip: each training image is resized
+  by a factor drawn log-uniformly in ``[lo, hi]`` (bilinear, antialiased when shrinking), then cropped
+  (factor > 1) or zero-padded (factor < 1) back to its size at a random position, so batches keep one
+  shape and teacher and student see the same pixels (Detectron2's ResizeScale + FixedSizeCrop, the
+  "large scale jitter" of Ghiasi et al. 2021 with a small range). Boxes are scaled by the exact per-axis
+  factors ``round(H s) / H``, ``round(W s) / W`` (pixel-edge coordinates, as ``align_corners=False``),
+  shifted and clipped to the canvas; masks are resized by nearest neighbour at pixel centres
+  (``nearest-exact``) and placed the same way; an annotation cut to under 1 pixel wide or high is dropped.
+  ``area`` is scaled and multiplied by the box's visible fraction (only the evaluation reads it, on
+  unaugmented images). The factors and positions are a second table drawn per (seed, epoch, sample index)
+  from its own stream (:func:`draw_jitter`), so turning jitter on leaves the flips as they were;
 * ``train_subset`` / ``val_fraction``: seeded, unstratified (:func:`featkd.data.splits.split_dense`).
 """
 
@@ -31,9 +42,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from featkd.data.augment import AugmentSpec, draw_params
+from featkd.data.augment import AugmentSpec, draw_params, mix_seed
 from featkd.data.coco import CocoInstances, annotation_mask
 from featkd.data.loaders import Device, canonical_device, eval_shard_indices, per_rank_batch, train_shard_indices
 from featkd.data.sources import DataBundle, DataConfig, train_augment
@@ -93,6 +105,85 @@ def hflip_target(target: Target, width: int) -> Target:
     return out
 
 
+_JITTER_STREAM = 0x6A697474  # "jitt": the scale-jitter draws, a stream apart from the flips'
+MIN_BOX_SIDE = 1.0  # pixels: a jittered annotation cut narrower or lower than this is dropped
+INSTANCE_KEYS = ("boxes", "labels", "iscrowd", "area", "masks")  # the target keys with one row per annotation
+
+
+@dataclass(frozen=True)
+class JitterParams:
+    """One epoch's scale jitter: ``scales`` (N,) float64 in [lo, hi]; ``offsets`` (N, 2) float64 in [0, 1):
+    where the crop window (factor > 1) or the shrunk image (factor < 1) sits, as a fraction (y, x) of the
+    free range."""
+
+    scales: Tensor
+    offsets: Tensor
+
+
+def draw_jitter(n: int, scale_range: Sequence[float], *, seed: int, epoch: int) -> JitterParams:
+    """Draw the scale factors (log-uniform in ``scale_range``) and positions of all ``n`` training samples for
+    ``epoch`` (on the CPU), from a generator seeded by (seed, epoch) only, like
+    :func:`featkd.data.augment.draw_params`."""
+    lo, hi = (float(v) for v in scale_range)
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, _JITTER_STREAM))
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    scales = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    return JitterParams(scales, torch.rand(n, 2, generator=g, dtype=torch.float64))
+
+
+def _placement(size: int, new: int, frac: float) -> tuple[int, int, int, int]:
+    """``(source start, destination start, length, shift)`` along one axis of a ``new``-pixel resized image
+    put back on ``size`` pixels: a crop window when it is larger, else a zero-padded placement."""
+    if new >= size:
+        off = round(frac * (new - size))
+        return off, 0, size, -off
+    off = round(frac * (size - new))
+    return 0, off, new, off
+
+
+def _resize_place(x: Tensor, new: tuple[int, int], place: tuple[tuple[int, int, int, int], ...], mode: str) -> Tensor:
+    """(..., H, W) -> resized to ``new`` by ``mode``, then cropped / zero-padded back to (H, W) by ``place``."""
+    (sy, dy, ly, _), (sx, dx, lx, _) = place
+    flat = x.reshape(-1, 1, *x.shape[-2:]).float()
+    kw = {"align_corners": False, "antialias": new[0] < x.shape[-2]} if mode == "bilinear" else {}
+    resized = F.interpolate(flat, size=new, mode=mode, **kw).reshape(*x.shape[:-2], *new)
+    out = x.new_zeros(x.shape)
+    window = resized[..., sy : sy + ly, sx : sx + lx]
+    if not x.is_floating_point():  # uint8 images and masks
+        window = window.round().clamp(0, 255).to(x.dtype)
+    out[..., dy : dy + ly, dx : dx + lx] = window
+    return out
+
+
+def scale_jitter(image: Tensor, target: Target, scale: float, offset: Sequence[float]) -> tuple[Tensor, Target]:
+    """``image`` (C, H, W) uint8 resized by ``scale`` and cropped / zero-padded back to (H, W) at ``offset``
+    (fractions (y, x), see :class:`JitterParams`), and its target transformed alike (module docstring)."""
+    h, w = image.shape[-2:]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        return image, target
+    place = (_placement(h, nh, float(offset[0])), _placement(w, nw, float(offset[1])))
+    out_image = _resize_place(image, (nh, nw), place, "bilinear")
+    fx, fy, shift_x, shift_y = nw / w, nh / h, place[1][3], place[0][3]
+    boxes = target["boxes"]
+    scaled = boxes * boxes.new_tensor([fx, fy, fx, fy]) + boxes.new_tensor([shift_x, shift_y, shift_x, shift_y])
+    limit = boxes.new_tensor([w, h, w, h])
+    clipped = torch.minimum(scaled.clamp_min(0), limit)
+    cw, ch = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    keep = (cw >= MIN_BOX_SIDE) & (ch >= MIN_BOX_SIDE)
+    out = dict(target)
+    out["boxes"] = clipped
+    if "area" in target:
+        full = ((scaled[:, 2] - scaled[:, 0]) * (scaled[:, 3] - scaled[:, 1])).clamp_min(1e-12)
+        out["area"] = target["area"] * (fx * fy) * (cw * ch / full).clamp(0, 1)
+    if "masks" in target:
+        out["masks"] = _resize_place(target["masks"], (nh, nw), place, "nearest-exact")
+    for key in INSTANCE_KEYS:
+        if key in out:
+            out[key] = out[key][keep]
+    return out_image, out
+
+
 def _num_batches(n: int, batch: int, drop_last: bool) -> int:
     return n // batch if drop_last else math.ceil(n / batch)
 
@@ -102,12 +193,14 @@ def _to_unit(x: Tensor) -> Tensor:
 
 
 class DetectionTrainLoader:
-    """Shuffled, sharded batches with per-sample flips; ``(x (B, C, H, W) in [0, 1], [target, ...])``."""
+    """Shuffled, sharded batches with per-sample flips and scale jitter (``scale_jitter`` (lo, hi) or None);
+    ``(x (B, C, H, W) in [0, 1], [target, ...])``."""
 
     def __init__(self, split: DetectionSplit, augment: AugmentSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, device: Device = "cpu", drop_last: bool = True) -> None:
+                 world_size: int = 1, device: Device = "cpu", drop_last: bool = True,
+                 scale_jitter: tuple[float, float] | None = None) -> None:
         self.batch_size = per_rank_batch(batch_size, world_size, rank)
-        self.split, self.augment = split, augment
+        self.split, self.augment, self.scale_jitter = split, augment, scale_jitter
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device = canonical_device(device)
         self.epoch = 0
@@ -125,6 +218,8 @@ class DetectionTrainLoader:
         images, targets = self.split.targets(self.device)
         flips = (draw_params(len(self.split), self.augment, seed=self.seed, epoch=self.epoch).flips
                  if self.augment.hflip else None)
+        jitter = (draw_jitter(len(self.split), self.scale_jitter, seed=self.seed, epoch=self.epoch)
+                  if self.scale_jitter is not None else None)
         idx = train_shard_indices(len(self.split), seed=self.seed, epoch=self.epoch, rank=self.rank,
                                   world_size=self.world_size)
         bs, width = self.batch_size, images.shape[-1]
@@ -136,6 +231,10 @@ class DetectionTrainLoader:
                 f = flips[ix]
                 x = torch.where(f.to(self.device)[:, None, None, None], x.flip(3), x)
                 ys = [hflip_target(y, width) if fl else y for y, fl in zip(ys, f.tolist(), strict=True)]
+            if jitter is not None:
+                done = [scale_jitter(xi, y, s, o) for xi, y, s, o in
+                        zip(x, ys, jitter.scales[ix].tolist(), jitter.offsets[ix].tolist(), strict=True)]
+                x, ys = torch.stack([d[0] for d in done]), [d[1] for d in done]
             yield _to_unit(x), ys
 
 
@@ -170,11 +269,12 @@ class DetectionBackend:
     """The loader factories of a detection :class:`~featkd.data.sources.DataBundle`."""
 
     def __init__(self, train: DetectionSplit, val: DetectionSplit | None, test: DetectionSplit,
-                 aug: AugmentSpec) -> None:
+                 aug: AugmentSpec, scale_jitter: tuple[float, float] | None = None) -> None:
         self.train, self.val, self.test, self.aug = train, val, test, aug
+        self.scale_jitter = scale_jitter
 
     def train_loader(self, batch_size: int, **kw: Any) -> DetectionTrainLoader:
-        return DetectionTrainLoader(self.train, self.aug, batch_size, **kw)
+        return DetectionTrainLoader(self.train, self.aug, batch_size, scale_jitter=self.scale_jitter, **kw)
 
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> DetectionEvalLoader | None:
         data = getattr(self, split)
@@ -285,6 +385,13 @@ class DetectionSource:
         train = self.train if len(train_idx) == n else self.train.subset(train_idx)
         val = None if val_idx is None else self.train.subset(val_idx)
         aug = train_augment(cfg, 0, True)
+        jitter = None
+        if cfg.augment and cfg.scale_jitter is not None:
+            jitter = (float(cfg.scale_jitter[0]), float(cfg.scale_jitter[1]))
+        described = aug.describe()
+        if jitter is not None:
+            scale = f"scale jitter [{jitter[0]:g}, {jitter[1]:g}]"
+            described = scale if described == "none" else f"{described} + {scale}"
         c, h, w = self.train.images.shape[1:]
         return DataBundle(
             name=cfg.dataset,
@@ -293,13 +400,13 @@ class DetectionSource:
             train_size=len(train),
             val_size=0 if val is None else len(val),
             test_size=len(self.test),
-            augmentation=aug.describe(),
+            augmentation=described,
             mean=(0.0,) * c,
             std=(1.0,) * c,
             task="detection",
             class_names=("background", *self.category_names),
             masks=self.masks,
-            _backend=DetectionBackend(train, val, self.test, aug),
+            _backend=DetectionBackend(train, val, self.test, aug, jitter),
         )
 
 

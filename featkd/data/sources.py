@@ -78,6 +78,8 @@ class DataConfig:
     # int for a square, [H, W] otherwise; null keeps the native size, which must then be the same for all
     num_workers: int = 0  # imagefolder only (in-memory sets need none)
     masks: bool = False  # detection sets (coco, scenes-det): decode instance masks (Mask R-CNN, mask AP)
+    scale_jitter: list[float] | None = None  # detection sets: [lo, hi] resizes each training image by a factor
+    # drawn log-uniformly in [lo, hi], then crops / zero-pads it back, boxes and masks alike (featkd.data.detection)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
 
     def validate(self, path: str = "data") -> None:
@@ -94,6 +96,7 @@ class DataConfig:
             (self.crop_padding is None or self.crop_padding >= 0, "crop_padding", "null or >= 0"),
             (_valid_size(self.image_size), "image_size", "null, a positive integer or [H, W]"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
+            (_valid_range(self.scale_jitter), "scale_jitter", "null or [lo, hi] with 0 < lo <= hi"),
         ]
         for ok, key, want in checks:
             if not ok:
@@ -107,6 +110,10 @@ class DataConfig:
                 f"{path}.download: {self.dataset} cannot be downloaded "
                 f"(only {', '.join(sorted(_DOWNLOADABLE))} can)"
             )
+
+
+def _valid_range(values: list[float] | None) -> bool:
+    return values is None or (len(values) == 2 and 0 < values[0] <= values[1])
 
 
 def _valid_size(size: int | list[int] | None) -> bool:
@@ -292,10 +299,15 @@ def build_data(cfg: DataConfig) -> DataBundle:
     cfg.validate()
     src = DATASETS.get(cfg.dataset)(cfg)
     if isinstance(src, BundleSource):
-        return src.to_bundle(cfg)
-    if isinstance(src, FolderSource):
-        return _build_folder(cfg, src)
-    return _build_in_memory(cfg, src)
+        bundle = src.to_bundle(cfg)
+    elif isinstance(src, FolderSource):
+        bundle = _build_folder(cfg, src)
+    else:
+        bundle = _build_in_memory(cfg, src)
+    if cfg.scale_jitter is not None and bundle.task != "detection":
+        raise ConfigError(f"data.scale_jitter: only detection sets (coco, scenes-det) jitter the scale; "
+                          f"{cfg.dataset!r} is a {bundle.task} set")
+    return bundle
 
 
 def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
