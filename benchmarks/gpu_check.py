@@ -15,10 +15,15 @@ On the first CUDA device it finds (at most ~8 minutes on one GPU) this script
    hand) on a CIFAR-style ResNet pair at 32 px and ``torchvision:resnet50 -> resnet18`` at 224 px: fp32 and
    bf16, channels-last off / on, ``torch.compile`` off / on (``train.channels_last`` / ``train.compile``), and
    the hand loop's teacher under ``torch.inference_mode`` vs ``no_grad``; interleaved rounds, medians, ratios;
+   and a full-size detection pair: torchvision's RetinaNet R50-FPN -> R18-FPN (``benchmarks/tv_retinanet.py``) at
+   512 px with bf16 autocast, no pretrained weights, FitNets on every FPN level, featkd's step against
+   torchvision's training loop written by hand (``step_overhead.hand_written_detection_step``), on scenes-det
+   canvases (128 px, resized to 512 when decoded);
 4. writes one JSON file (environment, every sub-check's pass/fail and error) and prints a short table. One
    failing sub-check does not stop the others; the exit status is 1 if any failed.
 
-Without CUDA it runs the same code paths on the CPU with tiny sizes in under a minute (``tests/test_gpu_check.py``);
+Without CUDA it runs the same code paths on the CPU with tiny sizes in under a minute (``tests/test_gpu_check.py``;
+the detection pair at 128 px, 2 images);
 dense families (``scenes-seg-*``, ~10-30 s a config on one core) are skipped there unless ``--dense-limit N``.
 
 The GPU machines hold only the tracked files (plus carried files), reach no network and have no featkd install
@@ -61,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from step_overhead import hand_written_step  # benchmarks/ is this script's folder, so it is on sys.path
+from step_overhead import hand_written_detection_step, hand_written_step  # benchmarks/ (this folder) is on sys.path
 from torch import Tensor
 
 from featkd.config import build_config, load_config
@@ -86,6 +91,9 @@ FAMILIES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 )
 #: method options whose value names a variant with its own check (MGD's reducers: mgd-amp, mgd-rd, mgd-sm)
 VARIANT_KEYS = ("reducer",)
+#: the detection pair: torchvision's RetinaNet R50-FPN, and the same on R18 (benchmarks/tv_retinanet.py)
+DET_TEACHER, DET_STUDENT = "torchvision:retinanet_resnet50_fpn", "tv_retinanet:retinanet_resnet18_fpn"
+DET_CANVAS = 128  # scenes' largest canvas; data.image_size resizes it to the pair's size when decoded
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class Sizes:
     dense_limit: int | None  # configs run per dense family (scenes-seg-*: ~30 s each on 1 CPU core): None = all
     ddp_nproc: int
     pairs: tuple[Pair, ...]
+    det_pairs: tuple[Pair, ...]  # detection throughput: bf16 eager, FitNets on the FPN levels
+    det_scenes: tuple[int, int]  # scenes-det canvases (128 px) generated for it: train / test
     rounds: int
     calls: int
     warmup: int
@@ -123,12 +133,14 @@ GPU_SIZES = Sizes(
     train_pool=12000, test=2000, train_subset=None, batch_size=None, scenes=None, dense_limit=None, ddp_nproc=1,
     pairs=(Pair("resnet32x4-resnet8x4@32", "resnet32x4", "resnet8x4", 32, 256),
            Pair("tv-resnet50-resnet18@224", "torchvision:resnet50", "torchvision:resnet18", 224, 128)),
+    det_pairs=(Pair("tv-retinanet-r50-r18@512", DET_TEACHER, DET_STUDENT, 512, 16),), det_scenes=(64, 8),
     rounds=5, calls=10, warmup=3, compile=True, time_budget_s=420.0, compile_reserve_s=100.0,
 )
 CPU_SIZES = Sizes(
     train_pool=600, test=200, train_subset=320, batch_size=8, scenes=(160, 50), dense_limit=0, ddp_nproc=2,
     pairs=(Pair("resnet56-resnet20@32", "resnet56", "resnet20", 32, 4),
            Pair("tv-resnet50-resnet18@64", "torchvision:resnet50", "torchvision:resnet18", 64, 2)),
+    det_pairs=(Pair("tv-retinanet-r50-r18@128", DET_TEACHER, DET_STUDENT, 128, 2),), det_scenes=(4, 2),
     rounds=1, calls=1, warmup=1, compile=False, time_budget_s=50.0, compile_reserve_s=60.0,
 )
 
@@ -513,12 +525,62 @@ def throughput_row(pair: Pair, amp: bool, channels_last: bool, compile: bool, si
     return {"ok": ok, "error": None if ok else f"bad timings {med}", **row}
 
 
-def check_throughput(sizes: Sizes, cifar_dir: str, device: str, deadline: float, compile: bool) -> dict[str, Any]:
-    """Every eager row (pair x dtype x channels-last), then compile rows while the time budget lasts."""
+def detection_throughput_row(pair: Pair, sizes: Sizes, fashion_dir: str, device: str) -> dict[str, Any]:
+    """Seconds per step and images/s of featkd's detection step and of torchvision's loop written by hand: bf16
+    autocast, eager, FitNets (``configs/scenes-det-fitnets-*.yaml``'s method: every FPN level, paired by
+    stride) from a random-weight teacher, on scenes-det canvases generated from the prepared Fashion-MNIST."""
+    from step_overhead import DET_FITNETS
+
+    from featkd.config import load_raw
+
+    resize = {"min_size": pair.image_size, "max_size": pair.image_size}  # torchvision resizes to the size they have
+    raw = {
+        "name": f"throughput-{pair.name}",
+        "data": {"dataset": "scenes-det", "data_dir": str(Path(fashion_dir).parent / "scenes"),
+                 "scenes": {"source_dir": fashion_dir, "canvas_size": DET_CANVAS, "train_size": sizes.det_scenes[0],
+                            "test_size": sizes.det_scenes[1]},
+                 "image_size": None if pair.image_size == DET_CANVAS else pair.image_size,
+                 "batch_size": pair.batch, "eval_batch_size": pair.batch},
+        "teacher": {"model": pair.teacher, "options": resize}, "student": {"model": pair.student, "options": resize},
+        "method": load_raw(DET_FITNETS)["method"],
+        "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "constant"},
+        "train": {"epochs": 1, "device": device, "amp": "bf16", "progress": "off", "tensorboard": False},
+    }
+    cfg = build_config(raw)
+    trainer = Trainer(cfg, out_dir=None, log=lambda _m: None)
+    loader = trainer.train_loader
+    loader.set_epoch(0)
+    batches = [b for _, b in zip(range(2), loader)]
+    fns = {"featkd": step_on(trainer, batches),
+           "hand": hand_written_detection_step(cfg, trainer, batches=batches, amp=True)}
+    times = time_interleaved(fns, rounds=sizes.rounds, calls=sizes.calls, warmup=sizes.warmup, device=trainer.device)
+    levels = len(trainer.distiller.pairs)
+    del trainer, fns, batches
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    med = {k: v["median"] for k, v in times.items()}
+    row = {"pair": pair.name, "task": "detection", "teacher": pair.teacher, "student": pair.student,
+           "image_size": pair.image_size, "batch": pair.batch, "dtype": "bf16", "channels_last": False,
+           "compile": False, "method": f"fitnets ({levels} FPN levels)", "seconds_per_step": times,
+           "images_per_s": {k: pair.batch / v for k, v in med.items()},
+           "ratio_featkd_over_hand": med["featkd"] / med["hand"]}
+    ok = all(math.isfinite(v) and v > 0 for v in med.values())
+    return {"ok": ok, "error": None if ok else f"bad timings {med}", **row}
+
+
+def check_throughput(sizes: Sizes, cifar_dir: str, fashion_dir: str, device: str, deadline: float,
+                     compile: bool) -> dict[str, Any]:
+    """Every eager row (pair x dtype x channels-last), the detection pairs, then compile rows while the time
+    budget lasts."""
     eager = [(p, amp, cl, False) for p in sizes.pairs for amp in (False, True) for cl in (False, True)]
     compiled = [(p, amp, cl, True) for amp in (True, False) for cl in (True, False) for p in sizes.pairs]
-    rows, reserve = [], sizes.compile_reserve_s
-    for pair, amp, cl, comp in eager + compiled:
+    rows, det_rows, reserve = [], [], sizes.compile_reserve_s
+    for i, (pair, amp, cl, comp) in enumerate(eager + compiled):
+        if i == len(eager):  # after the eager rows, before the optional compile rows: the detection pairs
+            for det in sizes.det_pairs:
+                tag = {"pair": det.name, "task": "detection", "dtype": "bf16", "channels_last": False, "compile": False}
+                det_rows.append({**tag, **run_check(detection_throughput_row, det, sizes, fashion_dir, device)})
+                print_throughput(det_rows[-1])
         tag = {"pair": pair.name, "dtype": "bf16" if amp else "fp32", "channels_last": cl, "compile": comp}
         if comp and not compile:
             rows.append({**tag, "ok": True, "skipped": "compile rows off (CPU mode default; --compile on)"})
@@ -532,9 +594,10 @@ def check_throughput(sizes: Sizes, cifar_dir: str, device: str, deadline: float,
         if comp:  # the next compile row starts only if one as slow as the slowest so far still fits
             reserve = max(reserve, 1.2 * (time.monotonic() - t0))
         print_throughput(rows[-1])
-    return {"ok": all(r["ok"] for r in rows), "rows": rows,
+    return {"ok": all(r["ok"] for r in rows + det_rows), "rows": rows, "detection_rows": det_rows,
             "note": "ratio_featkd_over_hand = featkd's seconds per step / the hand loop's (same options); "
-                    "featkd_applied: whether the trainer honoured train.channels_last / train.compile"}
+                    "featkd_applied: whether the trainer honoured train.channels_last / train.compile; "
+                    "detection_rows: RetinaNet pairs, bf16, featkd's FitNets step vs torchvision's loop by hand"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -653,9 +716,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"sync_batchnorm, resume: {'ok' if d['ok'] else 'FAIL ' + str(d['error'])}  "
                           f"{d['seconds']:.1f}s" + (f"  [{d['note']}]" if d.get("note") else ""), flush=True)
             if "throughput" in only:
-                print("throughput (KD step, interleaved medians):", flush=True)
+                print("throughput (KD step; detection: FitNets step; interleaved medians):", flush=True)
                 deadline = start + sizes.time_budget_s
-                checks["throughput"] = run_check(check_throughput, sizes, cifar, mode, deadline, compile)
+                checks["throughput"] = run_check(check_throughput, sizes, cifar, fashion, mode, deadline, compile)
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -663,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in checks.get("methods", {}).get("runs", {}).items():
         if not r["ok"]:
             failed[f"methods/{label}"] = r["error"]
-    for r in checks.get("throughput", {}).get("rows", []):
+    for r in checks.get("throughput", {}).get("rows", []) + checks.get("throughput", {}).get("detection_rows", []):
         if not r["ok"]:
             failed[f"throughput/{r['pair']}/{r['dtype']}/cl={r['channels_last']}/compile={r['compile']}"] = r["error"]
     if checks.get("methods", {}).get("runs") == {}:

@@ -20,11 +20,15 @@ def synchronize(device: torch.device | str | None = None) -> None:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 7, calls: int = 10, warmup: int = 3,
-                     device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
-    """Seconds per call of each function: ``{name: {"median": s, "min": s, "rounds": n}}``.
+                     device: torch.device | str | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
+    """Seconds per call of each function: ``{name: {"median": s, "min": s, "rounds": n, "samples": [s, ...]}}``.
 
     Every function is warmed up ``warmup`` times, then timed for ``calls`` consecutive calls in each of
-    ``rounds`` rounds, the functions alternating within each round so drift hits them alike.
+    ``rounds`` rounds, the functions alternating within each round so drift hits them alike. ``samples`` are
+    the rounds' seconds per call in order (round ``r`` of every function ran side by side: see
+    :func:`paired_ratios`). ``clock``: wall time by default; ``time.process_time`` counts only this process's
+    CPU time, which other jobs on a crowded CPU machine do not inflate (not for a GPU: it misses the device time).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -34,12 +38,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int = 7, call
     for _ in range(rounds):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fn()
             synchronize(device)
-            samples[name].append((time.perf_counter() - t0) / calls)
-    return {name: {"median": statistics.median(s), "min": min(s), "rounds": len(s)} for name, s in samples.items()}
+            samples[name].append((clock() - t0) / calls)
+    return {name: {"median": statistics.median(s), "min": min(s), "rounds": len(s), "samples": s}
+            for name, s in samples.items()}
 
 
 def trainer_step(trainer: Any, batches: int = 4) -> Callable[[], None]:
@@ -74,6 +79,15 @@ def ratios(times: Mapping[str, Mapping[str, float]], reference: str) -> dict[str
     """Median step time of each entry divided by the reference entry's."""
     ref = times[reference]["median"]
     return {name: t["median"] / ref for name, t in times.items()}
+
+
+def paired_ratios(times: Mapping[str, Mapping[str, Any]], name: str, reference: str) -> dict[str, float]:
+    """The ratio ``name / reference`` round by round (each round timed both side by side): its median and
+    spread (``min``, ``q1``, ``q3``, ``max`` over the rounds), from :func:`time_interleaved`'s ``samples``."""
+    per_round = sorted(a / b for a, b in zip(times[name]["samples"], times[reference]["samples"], strict=True))
+    q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else per_round * 3
+    return {"median": statistics.median(per_round), "min": per_round[0], "q1": q1, "q3": q3, "max": per_round[-1],
+            "rounds": len(per_round)}
 
 
 def environment() -> dict[str, Any]:

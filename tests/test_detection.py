@@ -158,6 +158,29 @@ def pycocotools_stats(gt_file: Path, dets: list[dict], iou_type: str) -> list[fl
     return [100.0 * float(v) for v in ev.stats[:6]]
 
 
+def test_training_targets_drop_crowd_and_degenerate_boxes_and_pass_clean_batches_as_they_are():
+    def target(boxes, crowd=None, masks=False):
+        t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+             "labels": torch.arange(1, len(boxes) + 1), "area": torch.ones(len(boxes)), "image_id": torch.tensor(0)}
+        if crowd is not None:
+            t["iscrowd"] = torch.tensor(crowd, dtype=torch.bool)
+        if masks:
+            t["masks"] = torch.arange(len(boxes), dtype=torch.uint8)[:, None, None].expand(-1, 2, 2).contiguous()
+        return t
+
+    clean = [target([[0, 0, 4, 4]], [False]), target([]), target([[1, 1, 2, 3], [0, 0, 5, 5]])]  # one without iscrowd
+    out = training_targets(clean)
+    assert [set(t) for t in out] == [{"boxes", "labels"}] * 3
+    assert all(o[k] is t[k] for o, t in zip(out, clean) for k in o)  # nothing to drop: the loader's tensors
+    mixed = [target([[0, 0, 4, 4], [3, 3, 3, 5], [0, 0, 2, 2]], [False, False, True], masks=True),  # zero width, crowd
+             target([[2, 2, 6, 1]]), target([[0, 0, 1, 1]], [False], masks=True)]  # y2 < y1; kept
+    out = training_targets(mixed)
+    assert [t["labels"].tolist() for t in out] == [[1], [], [1]]
+    assert out[0]["boxes"].tolist() == [[0, 0, 4, 4]] and out[1]["boxes"].shape == (0, 4)
+    assert out[0]["masks"][:, 0, 0].tolist() == [0] and set(out[1]) == {"boxes", "labels"}
+    assert training_targets([]) == []
+
+
 def test_our_evaluation_equals_pycocotools_on_a_hand_made_case(tmp_path):
     root = write_coco(tmp_path / "coco")
     data = build_data(DataConfig(dataset="coco", data_dir=str(root), masks=True))
@@ -366,6 +389,32 @@ def test_pkd_loss_by_hand():
 # ---- short runs on real scenes ------------------------------------------------------------------------
 
 SCENES = {"canvas_size": 64, "train_size": 320, "test_size": 96, "max_scale": 1.4}
+
+
+def test_statistics_passes_run_only_the_backbones_of_both_detectors(one_thread):
+    """MGD's matching pass (RunContext.iter_features) takes the task's frozen-model forward: trunk features
+    equal to the full forward's, and neither detector's head (nor post-processing) runs."""
+    from featkd.methods.base import DistInfo, RunContext
+
+    task = DetectionTask(3)
+    teacher = create_model("fcos_resnet20", num_classes=3).eval()
+    student = create_model("fcos_resnet8", num_classes=3).train()
+    calls = []
+    for model in (teacher, student):
+        model.head.register_forward_hook(lambda *_: calls.append(1))
+    example = torch.zeros(2, 3, 64, 64)
+    points = ["backbone.body.layer2.0.add"]
+    t_cap, s_cap = CapturingModel(teacher, points, example), CapturingModel(student, points, example)
+    ctx = RunContext(teacher=teacher, student=student, teacher_capture=t_cap, student_capture=s_cap, data=None,
+                     device=torch.device("cpu"), dist=DistInfo(), epochs=1, steps_per_epoch=1, task=task)
+    x = torch.rand(2, 3, 64, 64)
+    calls.clear()
+    ((_, _, (t_logits, t_feats), (_, s_feats)),) = list(ctx.iter_features([(x, None)]))
+    assert not calls and t_logits is None and student.training  # mode restored
+    student.eval()
+    with torch.no_grad():
+        assert torch.equal(t_feats[points[0]], t_cap(x)[1][points[0]])
+        assert torch.equal(s_feats[points[0]], s_cap(x)[1][points[0]])
 
 
 @pytest.fixture(scope="module")

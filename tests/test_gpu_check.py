@@ -79,6 +79,13 @@ def test_gpu_check_cpu_mode_passes_every_sub_check(tmp_path: Path, fashion_mnist
         assert all(v > 0 and math.isfinite(v) for v in r["images_per_s"].values())
         assert r["ratio_featkd_over_hand"] > 0 and r["ratio_inference_mode_over_no_grad"] > 0
     assert all(r.get("skipped") for r in rows if r["compile"])  # compile rows: off by default on the CPU
+    # the detection pair (RetinaNet R50-FPN -> R18-FPN, FitNets on the FPN levels, bf16), tiny on the CPU
+    det = report["checks"]["throughput"]["detection_rows"]
+    assert [(r["pair"], r["image_size"], r["batch"]) for r in det] == [("tv-retinanet-r50-r18@128", 128, 2)]
+    for r in det:
+        assert r["ok"] and r["task"] == "detection" and r["dtype"] == "bf16" and r["method"].startswith("fitnets")
+        assert set(r["images_per_s"]) == {"featkd", "hand"}
+        assert all(v > 0 and math.isfinite(v) for v in r["images_per_s"].values()) and r["ratio_featkd_over_hand"] > 0
 
 
 @pytest.mark.slow
