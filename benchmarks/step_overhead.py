@@ -24,7 +24,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,19 @@ KD = {"name": "kd", "kd_temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.5}
 ROOT = Path(__file__).resolve().parents[1]
 DET_FITNETS = ROOT / "configs" / "scenes-det-fitnets-fcos_resnet20-fcos_resnet8.yaml"
 _FPN_LEVEL = re.compile(r"^backbone\.fpn\[(?P<key>[^\]]+)\]$")  # "backbone.fpn[0]" -> "0"
+
+
+def loop_setup(trainer: Any, batches: list | None, teacher_mode: str, amp: bool) -> tuple[list, Any, Any]:
+    """The hand-written loops' shared setup: their batches (the trainer's first four of epoch 0 unless given),
+    the teacher's no-grad context and the autocast context."""
+    if batches is None:
+        loader = trainer.train_loader
+        loader.set_epoch(0)
+        batches = [b for _, b in zip(range(4), loader)]
+    no_grad = torch.inference_mode if teacher_mode == "inference_mode" else torch.no_grad
+    autocast = (lambda: torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16)) if amp \
+        else contextlib.nullcontext
+    return batches, no_grad, autocast
 
 
 def hand_written_step(cfg, trainer: Trainer, kd: bool, *, batches: list[tuple[Tensor, Tensor]] | None = None,
@@ -70,14 +83,8 @@ def hand_written_step(cfg, trainer: Trainer, kd: bool, *, batches: list[tuple[Te
     student_fwd = torch.compile(student) if compile else student
     teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
     method = cfg.method
-    if batches is None:
-        loader = trainer.train_loader
-        loader.set_epoch(0)
-        batches = [b for _, b in zip(range(4), loader)]
+    batches, no_grad, autocast = loop_setup(trainer, batches, teacher_mode, amp)
     batches = [(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x, y) for x, y in batches]
-    no_grad = torch.inference_mode if teacher_mode == "inference_mode" else torch.no_grad
-    autocast = (lambda: torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16)) if amp \
-        else contextlib.nullcontext
     state = {"i": 0}
     student.train()
 
@@ -153,13 +160,7 @@ def hand_written_detection_step(cfg, trainer: Trainer, *, batches: list[tuple[Te
     s_fpn: dict[str, Tensor] = {}
     if teacher is not None:
         student.backbone.fpn.register_forward_hook(lambda _m, _a, out: s_fpn.update(out))
-    if batches is None:
-        loader = trainer.train_loader
-        loader.set_epoch(0)
-        batches = [b for _, b in zip(range(4), loader)]
-    no_grad = torch.inference_mode if teacher_mode == "inference_mode" else torch.no_grad
-    autocast = (lambda: torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16)) if amp \
-        else contextlib.nullcontext
+    batches, no_grad, autocast = loop_setup(trainer, batches, teacher_mode, amp)
     state = {"i": 0}
     student.train()
 

@@ -9,6 +9,10 @@ Finished cells are kept (the grid resumes where it stopped); results go to
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 HELP = "run a benchmark protocol (method configs x seeds), resumably, and write its results table"
 
@@ -34,11 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import shlex
-    import sys
     import time
-    from pathlib import Path
 
     from featkd import bench
     from featkd.errors import FeatkdError
@@ -79,28 +80,34 @@ def run(args: argparse.Namespace) -> int:
     meta = {"protocol": protocol.name, "command": "featkd bench " + " ".join(map(shlex.quote, sys.argv[2:])),
             "runs_dir": str(runs_dir), "wall_seconds": time.perf_counter() - t0, "environment": environment()}
     out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{protocol.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     table = bench.markdown(protocol, rows, meta)
-    (out / f"{protocol.name}.md").write_text(table)
-    plots = bench.plot(protocol, rows, cells, out / protocol.name)
+    written = write_results(out, protocol.name, {**meta, "rows": rows}, table)
+    written += bench.plot(protocol, rows, cells, out / protocol.name)
     print(table)
-    print(f"wrote {out / (protocol.name + '.json')}, {out / (protocol.name + '.md')}"
-          + "".join(f", {p}" for p in plots))
-    if failed:
-        for cell, msg in failed:
-            print(f"FAILED: {cell.label} seed {cell.seed}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return report_end(written, [(f"{cell.label} seed {cell.seed}", msg) for cell, msg in failed])
+
+
+def write_results(out: Path, name: str, payload: dict[str, Any], table: str) -> list[Path]:
+    """``<name>.json`` (the payload) and ``<name>.md`` (the table) in ``out``; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    paths[0].write_text(json.dumps(payload, indent=2) + "\n")
+    paths[1].write_text(table)
+    return paths
+
+
+def report_end(written: list[Path], failed: list[tuple[str, str]]) -> int:
+    """Print what was written and every failed cell; the exit status (1 if a cell failed)."""
+    print("wrote " + ", ".join(map(str, written)))
+    for name, msg in failed:
+        print(f"FAILED: {name}: {msg}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: list[str]) -> int:
     """``--tune``: both phases of :mod:`featkd.bench_tune`, then its table; the cost is printed and stored."""
-    import json
     import shlex
-    import sys
     import time
-    from pathlib import Path
 
     from featkd import bench, bench_tune
     from featkd.errors import FeatkdError
@@ -130,19 +137,11 @@ def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: l
             "val_fraction": bench_tune.require_val(protocol, first), "paired_against": protocol.paired_baselines(),
             "wall_seconds": cost["wall_seconds"], "cost": cost, "environment": environment()}
     out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{protocol.name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     table = bench_tune.markdown(protocol, rows, meta)
-    (out / f"{protocol.name}.md").write_text(table)
-    plots = bench.plot(protocol, rows, tuned.report_cells(), out / protocol.name)
+    written = write_results(out, protocol.name, {**meta, "rows": rows}, table)
+    written += bench.plot(protocol, rows, tuned.report_cells(), out / protocol.name)
     print(table)
     print(f"tuned protocol cost: {cost['cells']} runs ({cost['tuning_cells']} tuning, {cost['report_cells']} "
           f"report), sum of run times {cost['cell_seconds']:.0f} s ({cost['cell_seconds'] / 3600:.2f} CPU-core h "
           f"at one thread per run), wall {cost['wall_seconds']:.0f} s with {args.jobs} job(s) for this invocation")
-    print(f"wrote {out / (protocol.name + '.json')}, {out / (protocol.name + '.md')}"
-          + "".join(f", {p}" for p in plots))
-    if failed:
-        for cell, msg in failed:
-            print(f"FAILED: {cell.name}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return report_end(written, [(cell.name, msg) for cell, msg in failed])
