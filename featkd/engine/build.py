@@ -196,6 +196,14 @@ def configure_process(cfg: ExperimentConfig, device: torch.device) -> bool:
     return tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
+def seed_student_init(seed: int) -> None:
+    """Seed again just before the student is built. The teacher's random init (before its checkpoint is
+    loaded) draws from the same RNG, so without this ``none`` (no teacher) would start from other weights than
+    every distillation method with the same seed; so one seed is one initial student for every method
+    (``featkd bench``'s paired columns rely on it)."""
+    ckpt.seed_everything(seed)
+
+
 def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
               student_checkpoint: str | Path | None = None) -> Run:
     """Assemble ``cfg`` (see the module docstring). Under ``torchrun`` this joins the process group.
@@ -224,10 +232,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
                           cfg.teacher.model, data.name)
     student_spec = cfg.student if student_checkpoint is None else replace(cfg.student,
                                                                           checkpoint=str(student_checkpoint))
-    # Seeded again: the teacher's random init (before its checkpoint is loaded) draws from the same RNG, so
-    # without this `none` (no teacher) would start from other weights than every distillation method with the
-    # same seed; now one seed is one student init for all methods (featkd bench's paired columns rely on it).
-    ckpt.seed_everything(tc.seed)
+    seed_student_init(tc.seed)
     student = build_model(student_spec, data, "student").to(device)
     task.check_output(probe_output(student, example, f"student {cfg.student.model!r}"), "student",
                       cfg.student.model, data.name)
