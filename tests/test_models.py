@@ -57,6 +57,15 @@ def inplace_nodes(graph: fx.Graph) -> list[str]:
     return bad
 
 
+def assert_traces_like_eager(model: nn.Module, x: torch.Tensor) -> None:
+    """The model traces with torch.fx, the graph has no in-place ops, and the traced model (eval) equals it."""
+    traced = fx.symbolic_trace(model)
+    assert inplace_nodes(traced.graph) == []
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
 def test_registered_names() -> None:
     assert set(list_models()) == EXPECTED_NAMES | FIXED_SIZE_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
 
@@ -76,12 +85,7 @@ def test_model_contract(name: str) -> None:
         assert clf.out_features == num_classes
         assert list(model.named_modules())[-1][1] is clf
     assert [n for n, m in rgb.named_modules() if getattr(m, "inplace", False)] == []
-    traced = fx.symbolic_trace(gray)
-    assert inplace_nodes(traced.graph) == []
-    gray.eval()
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(traced(x), gray(x))
+    assert_traces_like_eager(gray, torch.randn(2, 1, 28, 28))
 
 
 # Published sizes with CIFAR-100 heads (CRD, Tian et al. 2020, table 1/2 and mdistiller; confident for all but
@@ -257,12 +261,7 @@ def test_vit_tiny_contract() -> None:
         assert classifier_name(model) == "heads.head" and model.heads.head.out_features == num_classes
         assert list(model.named_modules())[-1][1] is model.heads.head
     assert [n for n, m in gray.named_modules() if getattr(m, "inplace", False)] == []
-    traced = fx.symbolic_trace(gray)
-    assert inplace_nodes(traced.graph) == []
-    gray.eval()
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(traced(x), gray(x))
+    assert_traces_like_eager(gray, torch.randn(2, 1, 28, 28))
     with pytest.raises(FeatkdError, match=r"model 'vit_tiny_p4': image_size must be a positive multiple of the "
                                           r"patch size 4, got 30"):
         create_model("vit_tiny_p4", num_classes=10, image_size=30)
