@@ -470,16 +470,16 @@ def step_time_ratios(protocol: Protocol, labels: Sequence[str], runs_dir: Path, 
     return ratios(time_interleaved(steps, rounds=rounds, calls=calls), protocol.timing_reference)
 
 
-def _fmt(mean: float | None, se: float | None, sign: bool = False) -> str:
+def format_mean_se(mean: float | None, se: float | None, sign: bool = False) -> str:
     if mean is None:
         return ""
     text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
     return text + ("" if se is None or math.isnan(se) else f" ± {se:.2f}")
 
 
-def _fmt_paired(d: dict[str, Any] | None) -> str:
+def format_paired(d: dict[str, Any] | None) -> str:
     """A paired difference: mean ± s.e. (wins/losses over the seeds)."""
-    return "" if d is None else f"{_fmt(d['mean'], d['se'], sign=True)} ({d['wins']}/{d['losses']})"
+    return "" if d is None else f"{format_mean_se(d['mean'], d['se'], sign=True)} ({d['wins']}/{d['losses']})"
 
 
 def paired_columns(protocol: Protocol, rows: list[dict[str, Any]]) -> list[str]:
@@ -505,10 +505,11 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], str(r["seeds"])]
-        cells += [_fmt(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se"))] if val else []
-        cells += [_fmt(r[f"{metric}_mean"], r[f"{metric}_se"]), _fmt(r["delta_vs_ce"], r["delta_se"], sign=True)]
-        cells += [_fmt_paired(r.get("paired", {}).get(b)) for b in paired]
-        cells += [_fmt(r.get(f"{metric}_epoch{m}_mean"), r.get(f"{metric}_epoch{m}_se")) for m in marks]
+        cells += [format_mean_se(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se"))] if val else []
+        cells += [format_mean_se(r[f"{metric}_mean"], r[f"{metric}_se"]),
+                  format_mean_se(r["delta_vs_ce"], r["delta_se"], sign=True)]
+        cells += [format_paired(r.get("paired", {}).get(b)) for b in paired]
+        cells += [format_mean_se(r.get(f"{metric}_epoch{m}_mean"), r.get(f"{metric}_epoch{m}_se")) for m in marks]
         ratio = r.get("step_time_ratio")
         cells += [f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

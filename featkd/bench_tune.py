@@ -225,10 +225,10 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
     for r in rows:
         ratio = r.get("step_time_ratio")
         cells = [r["method"], str(len(r["trials"])), setting_text(r["selected_setting"]), f"{r['selection_val']:.2f}",
-                 str(r["seeds"]), bench._fmt(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se")),
-                 bench._fmt(r[f"{metric}_mean"], r[f"{metric}_se"]),
-                 bench._fmt(r["delta_vs_ce"], r["delta_se"], sign=True),
-                 *(bench._fmt_paired(r["paired"].get(b)) for b in paired),
+                 str(r["seeds"]), bench.format_mean_se(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se")),
+                 bench.format_mean_se(r[f"{metric}_mean"], r[f"{metric}_se"]),
+                 bench.format_mean_se(r["delta_vs_ce"], r["delta_se"], sign=True),
+                 *(bench.format_paired(r["paired"].get(b)) for b in paired),
                  f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     width = max((len(r["trials"]) for r in rows), default=0)

@@ -234,3 +234,17 @@ def test_one_seed_is_one_student_init_data_order_and_val_split_for_every_method(
     for other in (kd, fitnets):
         assert all(torch.equal(none[0][k], other[0][k]) for k in none[0])
         assert torch.equal(none[1], other[1]) and torch.equal(none[2], other[2])
+
+
+@pytest.mark.parametrize("name", ["data-limited-tuned", "scenes-seg-tuned", "scenes-det-tuned", "digits-smoke-tuned"])
+def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
+    """Each trial's config (the method's file with the protocol's and the trial's --set items) validates, every
+    method with knobs has the same number of trials, and the validation split is set."""
+    from featkd import bench_tune
+    from featkd.bench import load_protocol, tuned_protocols
+
+    assert name in tuned_protocols()
+    protocol = load_protocol(name)
+    cells = bench_tune.tuning_cells(protocol, list(protocol.methods), tmp_path)
+    sizes = {len(c) for label, c in cells.items() if protocol.tune.grid[label]}
+    assert sizes == {4} or name == "digits-smoke-tuned"
