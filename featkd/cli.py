@@ -55,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featkd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `featkd layers ... | head`: the reader left; stop quietly, as a Unix filter does (the interpreter
+        # would otherwise report the failed flush of stdout at exit as well)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         _leave_process_group()
 

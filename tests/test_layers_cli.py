@@ -39,3 +39,19 @@ def test_cnn_listing_is_unchanged(capsys, one_thread):
     rows, err = table(capsys, "resnet8", "--input-shape", "1,8,8")
     assert err == "" and all(row[-1] != "-" for row in rows)
     assert ["layer3.0.add", "node", "add", "64x2x2"] in rows
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``featkd layers ... | head -1``: the pipe closes before the table is written; exit 141, stderr empty."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "featkd", "layers", "resnet8", "--input-shape", "1,8,8"],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
