@@ -97,6 +97,21 @@ def test_channel_mismatch_needs_the_connector_option_and_trains_it():
     assert [type(m).__name__ for m in with_bn.connectors["0"].modules()][-2:] == ["BatchNorm2d", "ReLU"]
 
 
+def test_pkd_shares_the_connector_rule():
+    """PKD, the other per-channel method, builds its connectors by the same rule (one 1x1 conv, no BN)."""
+    from featkd.methods.pkd import PKDConfig, pkd_loss
+
+    ctx = tiny_context(s_width=2, t_width=3, size=4)
+    with pytest.raises(FeatkdError, match=r"2 channels and teacher 'conv' 3: PKD .*method\.connector: conv1x1 "):
+        METHODS.get("pkd")(PKDConfig(pairs=[["conv", "conv"]]), ctx)
+    distiller = METHODS.get("pkd")(PKDConfig(pairs=[["conv", "conv"]], connector="conv1x1", weight=3.0), ctx)
+    assert [type(m).__name__ for m in distiller.connectors["0"].modules()] == ["Conv2d"]
+    batch = captured_batch(ctx, distiller, torch.randn(4, 1, 4, 4))
+    expected = 3.0 * pkd_loss(distiller.connectors["0"](batch.student_features["conv"]),
+                              batch.teacher_features["conv"], distiller.cfg.resize_student)
+    torch.testing.assert_close(distiller.loss(batch)["pkd"], expected)
+
+
 def test_segmenter_logits_before_upsampling():
     torch.manual_seed(0)
     teacher = create_model("deeplab_resnet8", num_classes=3, in_channels=1)

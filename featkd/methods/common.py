@@ -4,7 +4,7 @@ and spatial alignment."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +57,29 @@ def embedding_pairs(pairs: Sequence[Sequence[str]], ctx: BuildContext) -> list[t
     ctx.feature_shapes("student", [s for s, _ in out])
     ctx.feature_shapes("teacher", [t for _, t in out])
     return out
+
+
+def channel_connectors(pairs: Sequence[tuple[str, str]], s_shapes: dict[str, tuple[int, ...]],
+                       t_shapes: dict[str, tuple[int, ...]], make: Callable[[int, int], nn.Module] | None,
+                       method: str, choices: str) -> nn.ModuleDict:
+    """A fresh connector ``make(c_student, c_teacher)`` for each pair whose channel counts differ, keyed by the
+    pair's index. ``make`` None (``connector: none``) makes such a pair an error naming ``method.connector``:
+    the per-channel methods (CWD, PKD) compare channel c with channel c."""
+    connectors = nn.ModuleDict()
+    for i, (s, t) in enumerate(pairs):
+        c_s, c_t = s_shapes[s][0], t_shapes[t][0]
+        if c_s == c_t:
+            continue
+        if make is None:
+            raise FeatkdError(f"student {s!r} has {c_s} channels and teacher {t!r} {c_t}: {method} compares channel "
+                              f"by channel; set method.connector: {choices} to map the student's channels")
+        connectors[str(i)] = make(c_s, c_t)
+    return connectors
+
+
+def connected(connectors: nn.ModuleDict, i: int, feature: Tensor) -> Tensor:
+    """Pair ``i``'s student feature through its connector, if :func:`channel_connectors` gave it one."""
+    return connectors[str(i)](feature) if str(i) in connectors else feature
 
 
 def check_spatial(

@@ -40,16 +40,17 @@ What is ours:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.errors import ConfigError, FeatkdError
+from featkd.errors import ConfigError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, resize_like, use_pairs
+from featkd.methods.common import channel_connectors, check_spatial, connected, resize_like, use_pairs
 from featkd.methods.fitnets import conv1x1_connector
 
 # MMRazor configs/distill/mmseg/cwd/cwd_logits_pspnet_r101-d8_pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py
@@ -85,10 +86,13 @@ def channel_wise_divergence(student: Tensor, teacher: Tensor, tau: float) -> Ten
     return F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * (tau * tau) / (n * c)
 
 
-def _connector(kind: Connector, c_in: int, c_out: int) -> nn.Module:
+def _connector(kind: Connector) -> Callable[[int, int], nn.Module] | None:
+    """How CWD's ``connector`` option maps c_in student channels to c_out teacher ones (None: it does not)."""
+    if kind == "none":
+        return None
     if kind == "conv1x1-bn-relu":
-        return nn.Sequential(conv1x1_connector(c_in, c_out, batchnorm=True), nn.ReLU())
-    return conv1x1_connector(c_in, c_out, batchnorm=kind == "conv1x1-bn")
+        return lambda c_in, c_out: nn.Sequential(conv1x1_connector(c_in, c_out, batchnorm=True), nn.ReLU())
+    return lambda c_in, c_out: conv1x1_connector(c_in, c_out, batchnorm=kind == "conv1x1-bn")
 
 
 @register("cwd")
@@ -98,25 +102,15 @@ class CWD(Distiller):
     def __init__(self, cfg: CWDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
-        self.connectors = nn.ModuleDict()  # key: index of the pair, for pairs whose channels differ
-        for i, (s, t) in enumerate(self.pairs):
+        for s, t in self.pairs:
             check_spatial(s, s_shapes[s], t, t_shapes[t], cfg.resize_teacher)
-            c_s, c_t = s_shapes[s][0], t_shapes[t][0]
-            if c_s == c_t:
-                continue
-            if cfg.connector == "none":
-                raise FeatkdError(
-                    f"student {s!r} has {c_s} channels and teacher {t!r} {c_t}: CWD compares channel by channel; "
-                    "set method.connector: conv1x1 (or conv1x1-bn, conv1x1-bn-relu) to map the student's channels"
-                )
-            self.connectors[str(i)] = _connector(cfg.connector, c_s, c_t)
+        self.connectors = channel_connectors(self.pairs, s_shapes, t_shapes, _connector(cfg.connector), "CWD",
+                                             "conv1x1 (or conv1x1-bn, conv1x1-bn-relu)")
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         total = 0.0
         for i, (s, t) in enumerate(self.pairs):
-            fs = batch.student_features[s]
-            if str(i) in self.connectors:
-                fs = self.connectors[str(i)](fs)
+            fs = connected(self.connectors, i, batch.student_features[s])
             ft = resize_like(batch.teacher_features[t], fs.shape[-2:])
             total = total + channel_wise_divergence(fs, ft, self.cfg.tau)
         return {"cwd": self.cfg.weight * total}

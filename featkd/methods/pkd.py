@@ -34,15 +34,16 @@ What is ours:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import use_pairs
+from featkd.methods.common import channel_connectors, connected, use_pairs
 from featkd.methods.fitnets import conv1x1_connector
 
 MMRAZOR_FRCNN_WEIGHT = 6.0  # configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py
@@ -89,24 +90,16 @@ class PKD(Distiller):
     def __init__(self, cfg: PKDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         self.pairs, s_shapes, t_shapes = use_pairs(self, cfg.pairs, ctx)
-        self.connectors = nn.ModuleDict()  # key: index of the pair, for pairs whose channels differ
-        for i, (s, t) in enumerate(self.pairs):
+        for s, t in self.pairs:
             if len(s_shapes[s]) != 3 or len(t_shapes[t]) != 3:
                 raise FeatkdError(f"student {s!r} {s_shapes[s]} and teacher {t!r} {t_shapes[t]}: PKD needs "
                                   "feature maps of shape (C, H, W)")
-            c_s, c_t = s_shapes[s][0], t_shapes[t][0]
-            if c_s == c_t:
-                continue
-            if cfg.connector == "none":
-                raise FeatkdError(f"student {s!r} has {c_s} channels and teacher {t!r} {c_t}: PKD compares channel "
-                                  "by channel; set method.connector: conv1x1 to map the student's channels")
-            self.connectors[str(i)] = conv1x1_connector(c_s, c_t, batchnorm=False)
+        make = None if cfg.connector == "none" else partial(conv1x1_connector, batchnorm=False)
+        self.connectors = channel_connectors(self.pairs, s_shapes, t_shapes, make, "PKD", "conv1x1")
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         total = 0.0
         for i, (s, t) in enumerate(self.pairs):
-            fs = batch.student_features[s]
-            if str(i) in self.connectors:
-                fs = self.connectors[str(i)](fs)
+            fs = connected(self.connectors, i, batch.student_features[s])
             total = total + pkd_loss(fs, batch.teacher_features[t], self.cfg.resize_student)
         return {"pkd": self.cfg.weight * total}
