@@ -47,6 +47,7 @@ from torch import Tensor
 
 from featkd.data.augment import AugmentSpec, draw_params, mix_seed
 from featkd.data.coco import CocoInstances, annotation_mask
+from featkd.data.images import open_image
 from featkd.data.loaders import Device, canonical_device, eval_shard_indices, per_rank_batch, train_shard_indices
 from featkd.data.sources import DataBundle, DataConfig, train_augment
 from featkd.data.splits import split_dense
@@ -287,19 +288,6 @@ class DetectionBackend:
 # Decoding COCO files into a split.
 
 
-def _open_rgb(path: Path, name: str):  # -> PIL.Image.Image
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise DataError(f"{name}: image file {path} not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{name}: cannot read {path} ({' '.join(str(e).split())})") from None
-    return image.convert("RGB")
-
-
 def decode_instances(coco: CocoInstances, images_dir: Path, labels: dict[int, int], size: tuple[int, int] | None,
                      masks: bool, name: str) -> DetectionSplit:
     """The :class:`DetectionSplit` of ``coco``'s images in ``images_dir`` (see the module docstring);
@@ -313,7 +301,7 @@ def decode_instances(coco: CocoInstances, images_dir: Path, labels: dict[int, in
     first = None
     for image in coco.images:
         path = images_dir / image.file_name
-        pil = _open_rgb(path, name)
+        pil = open_image(path, name).convert("RGB")
         w, h = pil.size
         if (image.width, image.height) not in ((w, h), (None, None)) and None not in (image.width, image.height):
             raise DataError(f"{name}: {path} is {w}x{h} but {coco.path} says {image.width}x{image.height}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from featkd.data.images import open_image
 from featkd.data.loaders import Normalizer, TensorSplit
 from featkd.data.sources import DataBundle, DataConfig, in_memory_bundle, train_augment
 from featkd.data.splits import split_dense
@@ -80,25 +81,12 @@ def target_size(cfg: DataConfig) -> tuple[int, int] | None:
     return size[0], size[1]
 
 
-def _open(path: Path, name: str):  # -> PIL.Image.Image
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise DataError(f"{name}: {path} not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{name}: cannot read {path} ({' '.join(str(e).split())})") from None
-    return image
-
-
 def read_pair(pair: Pair, size: tuple[int, int] | None, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair: uint8 image (H, W, 3) and labels (H, W), resized to ``size`` (H, W) unless None."""
     from PIL import Image
 
-    image = _open(pair.image, name).convert("RGB")
-    mask = _open(pair.mask, name)
+    image = open_image(pair.image, name).convert("RGB")
+    mask = open_image(pair.mask, name)
     if mask.mode not in MASK_MODES:
         raise DataError(
             f"{name}: {pair.mask}: a mask must be a single-channel PNG (mode {', '.join(MASK_MODES)}), "
