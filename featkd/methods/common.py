@@ -59,6 +59,12 @@ def embedding_pairs(pairs: Sequence[Sequence[str]], ctx: BuildContext) -> list[t
     return out
 
 
+def conv1x1_connector(c_in: int, c_out: int, batchnorm: bool) -> nn.Module:
+    """A freshly initialised 1x1 conv (C_in -> C_out), optionally followed by BatchNorm2d."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=not batchnorm)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out)) if batchnorm else conv
+
+
 def channel_connectors(pairs: Sequence[tuple[str, str]], s_shapes: dict[str, tuple[int, ...]],
                        t_shapes: dict[str, tuple[int, ...]], make: Callable[[int, int], nn.Module] | None,
                        method: str, choices: str) -> nn.ModuleDict:

@@ -50,8 +50,14 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import channel_connectors, check_spatial, connected, resize_like, use_pairs
-from featkd.methods.fitnets import conv1x1_connector
+from featkd.methods.common import (
+    channel_connectors,
+    check_spatial,
+    connected,
+    conv1x1_connector,
+    resize_like,
+    use_pairs,
+)
 
 # MMRazor configs/distill/mmseg/cwd/cwd_logits_pspnet_r101-d8_pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py
 MMRAZOR_SEG_WEIGHT = 5.0

@@ -47,7 +47,7 @@ from featkd.errors import ConfigError, FeatkdError
 from featkd.groups import LayerGroup, find_groups, groups_from_points, match_groups
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
-from featkd.methods.common import check_spatial, resize_like
+from featkd.methods.common import check_spatial, conv1x1_connector, resize_like
 from featkd.methods.dfa_search import (
     BridgeSearch,
     DFASearchConfig,
@@ -56,7 +56,6 @@ from featkd.methods.dfa_search import (
     SearchResult,
     aggregate,
     alpha_record,
-    conv1x1,
     load_alpha,
     save_alpha,
     save_heatmap,
@@ -157,7 +156,7 @@ class DFA(Distiller):
             p.teacher_candidates[j] for p, used in zip(self.pairs, self.used, strict=True) for j in used))
         bn = cfg.connector == "conv1x1-bn"
         self.connectors = nn.ModuleList(
-            [conv1x1(p.student_shape[0], p.teacher_shape[0], bn) for p in self.pairs])
+            [conv1x1_connector(p.student_shape[0], p.teacher_shape[0], bn) for p in self.pairs])
 
     # ---- alpha ------------------------------------------------------------------------------------------
     def alphas(self) -> list[Tensor]:

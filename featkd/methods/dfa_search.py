@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from featkd.errors import ConfigError, FeatkdError
 from featkd.features import CapturingModel
 from featkd.graph_tail import GraphTail
-from featkd.methods.common import resize_like
+from featkd.methods.common import conv1x1_connector, resize_like
 
 ALPHA_FORMAT = "featkd-dfa-alpha"
 ALPHA_VERSION = 1
@@ -152,11 +152,6 @@ def split_indices(n: int, held_out_fraction: float, seed: int) -> tuple[Tensor, 
     return perm[k:].sort().values, perm[:k].sort().values
 
 
-def conv1x1(c_in: int, c_out: int, batchnorm: bool) -> nn.Module:
-    conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=not batchnorm)
-    return nn.Sequential(conv, nn.BatchNorm2d(c_out)) if batchnorm else conv
-
-
 class IndexBatches:
     """Batches ``(x, y)`` of training samples ``indices`` (eval transform), reshuffled per :meth:`epoch`.
 
@@ -229,8 +224,10 @@ class BridgeSearch:
         self.tails = [GraphTail(self.student, p) for p in points]
         bn = cfg.connector == "conv1x1-bn"
         device = example.device
-        self.ts = nn.ModuleList([conv1x1(p.teacher_shape[0], p.student_shape[0], bn) for p in self.pairs]).to(device)
-        self.st = nn.ModuleList([conv1x1(p.student_shape[0], p.teacher_shape[0], bn) for p in self.pairs]).to(device)
+        self.ts = nn.ModuleList([conv1x1_connector(p.teacher_shape[0], p.student_shape[0], bn)
+                                 for p in self.pairs]).to(device)
+        self.st = nn.ModuleList([conv1x1_connector(p.student_shape[0], p.teacher_shape[0], bn)
+                                 for p in self.pairs]).to(device)
         self.betas = nn.ParameterList(
             [nn.Parameter(torch.zeros(len(p.teacher_candidates), device=device)) for p in self.pairs]
         )

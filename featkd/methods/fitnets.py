@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import check_spatial, resize_like, use_pairs
+from featkd.methods.common import check_spatial, conv1x1_connector, resize_like, use_pairs
 
 
 @dataclass
@@ -26,12 +26,6 @@ class FitNetsConfig(DistillerConfig):
     weight: float = 1.0  # multiplies the mean squared error of each pair
     connector: Literal["conv1x1", "conv1x1-bn"] = "conv1x1"
     resize_teacher: bool = False  # adaptive-average-pool teacher maps to the student's spatial size
-
-
-def conv1x1_connector(c_in: int, c_out: int, batchnorm: bool) -> nn.Module:
-    """A freshly initialised 1x1 conv (C_in -> C_out), optionally followed by BatchNorm2d."""
-    conv = nn.Conv2d(c_in, c_out, kernel_size=1, bias=not batchnorm)
-    return nn.Sequential(conv, nn.BatchNorm2d(c_out)) if batchnorm else conv
 
 
 @register("fitnets")

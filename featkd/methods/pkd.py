@@ -43,8 +43,7 @@ from torch import Tensor
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
-from featkd.methods.common import channel_connectors, connected, use_pairs
-from featkd.methods.fitnets import conv1x1_connector
+from featkd.methods.common import channel_connectors, connected, conv1x1_connector, use_pairs
 
 MMRAZOR_FRCNN_WEIGHT = 6.0  # configs/distill/mmdet/pkd/pkd_fpn_frcnn_r101_frcnn_r50_2x_coco.py
 STD_EPS = 1e-6  # added to the standard deviation (MMRazor PKDLoss.norm)
