@@ -14,7 +14,8 @@ it, the generator rewrites the lines in between::
     <!-- /results-table -->
 
 ``<!-- results-md scenes-det -->`` ... ``<!-- /results-md -->`` copies the table of
-``benchmarks/results/scenes-det.md`` (what ``featkd bench`` wrote) as it is, and
+``benchmarks/results/scenes-det.md`` (what ``featkd bench`` wrote) as it is (``<!-- results-md NAME table: 2 -->``:
+its second table), and
 ``<!-- results-demo demo -->`` ... ``<!-- /results-demo -->`` writes what ``featkd demo --json
 benchmarks/results/demo.json`` printed.
 
@@ -41,6 +42,7 @@ from typing import Any
 import yaml
 
 from featkd.bench import METRIC_LABELS, format_mean_se, format_paired
+from featkd.bench_tune import setting_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -94,9 +96,7 @@ def cell(row: dict[str, Any], column: str, metric: str) -> str:
         return "" if row["delta_vs_ce"] == 0 and row["delta_se"] == 0 else format_mean_se(
             row["delta_vs_ce"], row["delta_se"], sign=True)
     if column == "selected":
-        setting = row.get("selected_setting") or {}
-        return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
-                         for k, v in setting.items()) or "(no knobs)"
+        return setting_text(row.get("selected_setting") or {})
     if column == "trials":
         return str(len(row.get("trials", [])))
     if column == "train_s":
@@ -140,13 +140,23 @@ def render_table(name: str, spec_text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def md_table(name: str) -> str:
-    """The table lines of ``benchmarks/results/<name>.md`` (the file ``featkd bench`` writes)."""
+def md_table(name: str, spec_text: str = "") -> str:
+    """Table ``table:`` (1-based, default 1) of ``benchmarks/results/<name>.md`` (the file ``featkd bench``
+    writes; a tuned protocol's has the selection table, then the trials)."""
     path = RESULTS / f"{name}.md"
     if not path.is_file():
         raise TableError(f"results file {path.relative_to(ROOT)} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
-    return "\n".join(lines) + "\n"
+    index = int((yaml.safe_load(spec_text) or {}).get("table", 1))
+    tables, current = [], []
+    for line in [*path.read_text().splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if not 1 <= index <= len(tables):
+        raise TableError(f"results-md {name}: table {index} asked, {path.name} has {len(tables)}")
+    return "\n".join(tables[index - 1]) + "\n"
 
 
 def demo_text(name: str) -> str:
@@ -163,7 +173,7 @@ def demo_text(name: str) -> str:
 
 def regenerate(text: str) -> str:
     """``text`` with every results block's table rewritten from its results file."""
-    render = {"table": render_table, "md": lambda name, _: md_table(name), "demo": lambda name, _: demo_text(name)}
+    render = {"table": render_table, "md": md_table, "demo": lambda name, _: demo_text(name)}
 
     def replace(m: re.Match[str]) -> str:
         kind, name, spec = m.group(2), m.group(3), m.group(4)

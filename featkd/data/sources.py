@@ -243,10 +243,13 @@ class DataBundle:
         device: Device = "cpu",
         limit: int | None = None,
         seed: int = 0,
+        indices: Tensor | None = None,
     ) -> Loader:
         """The training samples with the eval transform, in a fixed order. With ``limit``, only the first
-        ``limit`` samples of ``torch.randperm(train_size, Generator().manual_seed(seed))``, sorted."""
-        indices = None
+        ``limit`` samples of ``torch.randperm(train_size, Generator().manual_seed(seed))``, sorted; with
+        ``indices`` (N,), exactly those samples in that order (DFA's search batches its own permutations)."""
+        if indices is not None and limit is not None:
+            raise FeatkdError("train_eval_loader: give limit or indices, not both")
         if limit is not None:
             if limit < 1:
                 raise FeatkdError(f"train_eval_loader: limit must be positive, got {limit}")

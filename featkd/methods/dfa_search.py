@@ -170,11 +170,7 @@ class IndexBatches:
     def epoch(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.indices[torch.randperm(len(self.indices), generator=self.generator)]
         order = order[: len(self) * self.batch_size]
-        # DataBundle.train_eval_loader takes no index list (only a seeded `limit`), so the bundle's own
-        # evaluation loader over the training split is used with an explicit order.
-        loader = self.data._backend.eval_loader("train", self.batch_size, order, rank=0, world_size=1,
-                                                device=self.device)
-        yield from loader
+        yield from self.data.train_eval_loader(self.batch_size, indices=order, device=self.device)
 
 
 @contextmanager
