@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     loader = data.train_eval_loader(cfg.data.eval_batch_size, device=device, limit=args.n, seed=args.seed)
     feats_t, feats_s, labels = [], [], []
     for _x, y, t_out, s_out in ctx.iter_features(loader):
-        feats_t.append(distiller._features(t_out, distiller.t_point))
-        feats_s.append(distiller._features(s_out, distiller.s_point))
+        feats_t.append(distiller.point_vectors(t_out, distiller.t_point))
+        feats_s.append(distiller.point_vectors(s_out, distiller.s_point))
         labels.append(y)
     f_t, f_s, y = torch.cat(feats_t), torch.cat(feats_s), torch.cat(labels)
 
@@ -130,14 +130,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         distiller.prepare(ctx)
         if options.landmarks == "random":
-            distiller._random_centres(ctx)
+            distiller.random_centres(ctx)
         else:  # class means / cluster means of the N examples themselves
-            from featkd.methods.kda_landmarks import accumulate
-
-            lab = distiller._labels(f_t, y)
-            accumulate(distiller.t_sums, distiller.counts, f_t, lab)
-            distiller.s_sums.index_add_(0, lab, f_s.double())
-            distiller._set_from_sums(ctx, f"the {len(y)} examples")
+            distiller.add_examples(f_t, f_s, y)
+            distiller.centres_from_sums(ctx, f"the {len(y)} examples")
     has = distiller.has_centre
     c_t, c_s = distiller.t_centres[has], distiller.s_centres[has]
     result = kernel_diagnostics(f_t, f_s, c_t, c_s, options.kernel)

@@ -173,9 +173,17 @@ class KDA(Distiller):
         self._rel_diff: Tensor | None = None  # this epoch's sum of ||K_s - K_t||_F / ||K_t||_F, and batches
 
     # ---- loss ------------------------------------------------------------------------------------------
-    def _labels(self, t: Tensor, targets: Tensor) -> Tensor:
+    def landmark_of(self, t: Tensor, targets: Tensor) -> Tensor:
         """Landmark index (n,) of each example: its class, or its nearest teacher cluster for kmeans."""
         return nearest(t, self.clusters) if self.cfg.landmarks == "kmeans" else targets
+
+    @torch.no_grad()
+    def add_examples(self, t: Tensor, s: Tensor, targets: Tensor) -> None:
+        """Add teacher / student feature vectors ``t`` (n, d_t), ``s`` (n, d_s) to their landmarks' sums
+        (:meth:`centres_from_sums` turns the sums into centres)."""
+        labels = self.landmark_of(t, targets)
+        accumulate(self.t_sums, self.counts, t, labels)
+        self.s_sums.index_add_(0, labels, s.detach().double())
 
     def kernels(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Partial kernel matrices (n, m') of student features ``s`` (n, d_s) and teacher features ``t``
@@ -197,10 +205,7 @@ class KDA(Distiller):
             s = pool_to_vector(s_raw).float()
             t = pool_to_vector(batch.teacher_features[self.t_point]).float()
             if self.accumulates:
-                with torch.no_grad():
-                    labels = self._labels(t, batch.targets)
-                    accumulate(self.t_sums, self.counts, t, labels)
-                    self.s_sums.index_add_(0, labels, s.detach().double())
+                self.add_examples(t, s, batch.targets)
             if not self.active(batch.epoch):
                 return {"kda": s.new_zeros(())}
             k_s, k_t = self.kernels(s, t)
@@ -212,10 +217,12 @@ class KDA(Distiller):
             return {"kda": self.weight * kda_loss(k_s, k_t, self.cfg.loss_form, self.cfg.smooth_l1_beta)}
 
     # ---- landmarks ---------------------------------------------------------------------------------------
-    def _features(self, out: tuple[Tensor, dict[str, Tensor]], point: str) -> Tensor:
+    @staticmethod
+    def point_vectors(out: tuple[Tensor, dict[str, Tensor]], point: str) -> Tensor:
+        """The (n, d) float32 vectors KDA compares, from a captured ``(logits, features)`` output's ``point``."""
         return pool_to_vector(out[1][point]).float()
 
-    def _set_from_sums(self, ctx: RunContext, what: str) -> None:
+    def centres_from_sums(self, ctx: RunContext, what: str) -> None:
         """All-reduce this epoch's sums and counts over the ranks, update the centres, reset the sums."""
         for buf in (self.t_sums, self.s_sums, self.counts):
             ctx.dist.all_reduce_sum(buf)
@@ -235,19 +242,16 @@ class KDA(Distiller):
         for buf in (self.t_sums, self.s_sums, self.counts):
             buf.zero_()
         for _x, y, t_out, s_out in ctx.iter_features(loader):
-            t = self._features(t_out, self.t_point)
-            labels = self._labels(t, y)
-            accumulate(self.t_sums, self.counts, t, labels)
-            self.s_sums.index_add_(0, labels, self._features(s_out, self.s_point).double())
-        self._set_from_sums(ctx, "the eval pass")
+            self.add_examples(self.point_vectors(t_out, self.t_point), self.point_vectors(s_out, self.s_point), y)
+        self.centres_from_sums(ctx, "the eval pass")
 
     @torch.no_grad()
-    def _random_centres(self, ctx: RunContext) -> None:
+    def random_centres(self, ctx: RunContext) -> None:
         """Centres = both networks' eval-mode features of the fixed landmark examples (identical on all ranks)."""
         x = self._landmark_inputs
         ((_, _, t_out, s_out),) = list(ctx.iter_features([(x, torch.zeros(len(x), dtype=torch.long))]))
-        self.t_centres.copy_(self._features(t_out, self.t_point))
-        self.s_centres.copy_(self._features(s_out, self.s_point))
+        self.t_centres.copy_(self.point_vectors(t_out, self.t_point))
+        self.s_centres.copy_(self.point_vectors(s_out, self.s_point))
         self.has_centre.fill_(True)
 
     def _draw_examples(self, ctx: RunContext, k: int) -> Tensor:
@@ -273,7 +277,7 @@ class KDA(Distiller):
         feats = []
         for x, _ in loader:
             with ctx.autocast():
-                feats.append(self._features(ctx.teacher_capture(x), self.t_point))
+                feats.append(self.point_vectors(ctx.teacher_capture(x), self.t_point))
         self.clusters.copy_(kmeans(torch.cat(feats), self.num_landmarks, cfg.kmeans_iters, cfg.landmark_seed))
         self.has_clusters.fill_(True)
 
@@ -299,7 +303,7 @@ class KDA(Distiller):
             return
         strategy = self.cfg.landmarks
         if strategy == "random":
-            self._random_centres(ctx)
+            self.random_centres(ctx)
         elif strategy == "class-means-fresh" or not bool(self.has_centre.any()):
             # fresh: every epoch; accumulating strategies: only when the term starts before any epoch was summed
             self.centres_from_pass(ctx, self.eval_pass_loader(ctx))
@@ -309,7 +313,7 @@ class KDA(Distiller):
         if self._rel_diff is not None:  # every rank summed its own shard's batches: log the whole epoch's mean
             ctx.dist.all_reduce_sum(self._rel_diff)
         if self.accumulates:
-            self._set_from_sums(ctx, f"epoch {epoch + 1}")
+            self.centres_from_sums(ctx, f"epoch {epoch + 1}")
 
     def metrics(self) -> dict[str, float]:
         out = {"kda_active": self._epoch_stats["active"], "kda_empty_landmarks": self._epoch_stats["empty"]}
