@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.engine.distributed import shutdown_distributed
     from featkd.errors import FeatkdError
     from featkd.methods.mgd import MatchingGuidedDistiller
-    from featkd.methods.mgd_report import _pyplot, write_report
+    from featkd.methods.mgd_report import require_pyplot, write_report
 
     overrides = list(args.overrides)
     for value, key in ((args.images, "method.stats_images"), (args.seed, "train.seed"),
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "matching.json").exists() and not args.force:
         raise FeatkdError(f"{out / 'matching.json'} exists; choose another --out or pass --force")
     if not args.no_plots:
-        _pyplot()  # fail before the (long) statistics pass if matplotlib is missing
+        require_pyplot()  # fail before the (long) statistics pass if matplotlib is missing
     main = os.environ.get("RANK", "0") == "0"
     run = build_run(cfg, log=print if main else (lambda _m: None))
     distiller = run.distiller

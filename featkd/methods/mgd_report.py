@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from featkd.methods.mgd import MatchingGuidedDistiller
 
 
-def _pyplot():
+def require_pyplot():  # -> the matplotlib.pyplot module
+    """pyplot on the file-only Agg backend; a missing matplotlib is a one-line error (before any long pass)."""
     try:
         import matplotlib
 
@@ -47,7 +48,7 @@ def plot_matching(cost: np.ndarray, matching: Matching, path: str | Path, title:
     Teacher channels (columns) are ordered by their student channel so the groups appear as runs along
     the diagonal; the tick labels keep the original indices for small matrices.
     """
-    plt = _pyplot()
+    plt = require_pyplot()
     sc, tc = cost.shape
     s_idx, t_idx = matching.pairs()
     owner = np.full(tc, sc, dtype=np.int64)  # ignored teacher channels go last
