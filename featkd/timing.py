@@ -51,26 +51,27 @@ def trainer_step(trainer: Any, batches: int = 4) -> Callable[[], None]:
     """A function running one full training step of ``trainer`` (a featkd Trainer) on in-memory batches.
 
     The batches are drawn once from the trainer's own loader, so data loading is excluded (it is the same
-    for every method) while everything the trainer does per step is included.
+    for every method) while everything the trainer does per step is included; each keeps its training-split
+    indices (the loader's ``batch_indices``) for the methods that need them (CRD's memory bank).
     """
     loader = trainer.train_loader
     loader.set_epoch(0)
     fixed = []
     for x, y in loader:
-        fixed.append((x, y))
+        fixed.append((x, y, getattr(loader, "batch_indices", None)))
         if len(fixed) == batches:
             break
     return step_on(trainer, fixed)
 
 
-def step_on(trainer: Any, batches: Sequence[tuple[Any, Any]]) -> Callable[[], None]:
-    """A function running ``trainer.train_step`` on the given batches in turn (epoch 0)."""
+def step_on(trainer: Any, batches: Sequence[tuple[Any, ...]]) -> Callable[[], None]:
+    """A function running ``trainer.train_step`` on the given ``(x, y[, indices])`` batches in turn (epoch 0)."""
     state = {"i": 0}
 
     def step() -> None:
-        x, y = batches[state["i"] % len(batches)]
+        batch = batches[state["i"] % len(batches)]
         state["i"] += 1
-        trainer.train_step(x, y, 0)
+        trainer.train_step(*batch[:2], 0, *batch[2:3])
 
     return step
 

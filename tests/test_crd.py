@@ -179,6 +179,20 @@ def test_digits_run_is_finite_fills_the_bank_and_resumes_exactly(tmp_path):
             assert torch.equal(resumed[part][key], value), f"{part}.{key} differs after resume"
 
 
+def test_the_step_timer_passes_each_batch_its_indices():
+    """featkd bench's side-by-side step timing (timing.trainer_step) runs CRD, which needs Batch.indices."""
+    from featkd.engine.trainer import Trainer
+    from featkd.timing import trainer_step
+
+    trainer = Trainer(digits_config(), None, log=QUIET)
+    trainer.distiller.setup(trainer.context())  # the other-class negatives' label table, as bench does
+    before = trainer.distiller.bank_s.clone()
+    step = trainer_step(trainer, batches=2)
+    step()
+    step()
+    assert not torch.equal(trainer.distiller.bank_s, before)  # both batches wrote their samples' rows
+
+
 def test_a_loader_without_indices_is_one_line_naming_the_data_set(tmp_path):
     from featkd.engine.trainer import Trainer
     from tests.test_data import write_imagefolder
