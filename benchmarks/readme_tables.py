@@ -107,10 +107,14 @@ def cell(row: dict[str, Any], column: str, metric: str) -> str:
     raise TableError(f"unknown column {column!r}")
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def load_results(name: str) -> dict[str, Any]:
     path = RESULTS / (name if name.endswith(".json") else f"{name}.json")
     if not path.is_file():
-        raise TableError(f"results file {path.relative_to(ROOT)} does not exist")
+        raise TableError(f"results file {_shown(path)} does not exist")
     return json.loads(path.read_text())
 
 
@@ -145,7 +149,7 @@ def md_table(name: str, spec_text: str = "") -> str:
     writes; a tuned protocol's has the selection table, then the trials)."""
     path = RESULTS / f"{name}.md"
     if not path.is_file():
-        raise TableError(f"results file {path.relative_to(ROOT)} does not exist")
+        raise TableError(f"results file {_shown(path)} does not exist")
     index = int((yaml.safe_load(spec_text) or {}).get("table", 1))
     tables, current = [], []
     for line in [*path.read_text().splitlines(), ""]:
