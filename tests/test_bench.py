@@ -248,3 +248,24 @@ def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
     cells = bench_tune.tuning_cells(protocol, list(protocol.methods), tmp_path)
     sizes = {len(c) for label, c in cells.items() if protocol.tune.grid[label]}
     assert sizes == {4} or name == "digits-smoke-tuned"
+
+
+def test_a_method_that_cannot_be_timed_leaves_the_tables_to_be_written(monkeypatch, capsys):
+    """The step-time measurement comes after every run: its failure is reported (exit 1), not a lost table."""
+    from featkd import bench
+    from featkd.commands.bench import add_step_ratios
+    from featkd.errors import FeatkdError
+
+    rows = [{"method": "none"}, {"method": "kd"}]
+
+    def broken(*_a, **_k):
+        raise FeatkdError("method 'x' needs something the timer lacks")
+
+    monkeypatch.setattr(bench, "step_time_ratios", broken)
+    assert add_step_ratios(None, rows, Path(".")) == [("step-time measurement",
+                                                      "method 'x' needs something the timer lacks")]
+    assert all("step_time_ratio" not in r for r in rows)
+    monkeypatch.setattr(bench, "step_time_ratios", lambda *_a, **_k: {"none": 0.5, "kd": 1.0})
+    assert add_step_ratios(None, rows, Path("."), settings={"kd": []}) == []
+    assert [r["step_time_ratio"] for r in rows] == [0.5, 1.0]
+    assert "(the selected settings)" in capsys.readouterr().out

@@ -72,11 +72,7 @@ def run(args: argparse.Namespace) -> int:
     rows = bench.summarise(protocol, cells)
     if not rows:
         raise FeatkdError(f"no finished runs in {runs_dir}")
-    if not args.no_timing:
-        print("measuring step times side by side ...")
-        ratios = bench.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir)
-        for r in rows:
-            r["step_time_ratio"] = ratios.get(r["method"])
+    timing_failed = [] if args.no_timing else add_step_ratios(protocol, rows, runs_dir)
     meta = {"protocol": protocol.name, "command": "featkd bench " + " ".join(map(shlex.quote, sys.argv[2:])),
             "runs_dir": str(runs_dir), "wall_seconds": time.perf_counter() - t0, "environment": environment()}
     out = Path(args.results_dir)
@@ -84,7 +80,24 @@ def run(args: argparse.Namespace) -> int:
     written = write_results(out, protocol.name, {**meta, "rows": rows}, table)
     written += bench.plot(protocol, rows, cells, out / protocol.name)
     print(table)
-    return report_end(written, [(f"{cell.label} seed {cell.seed}", msg) for cell, msg in failed])
+    return report_end(written, [(f"{cell.label} seed {cell.seed}", msg) for cell, msg in failed] + timing_failed)
+
+
+def add_step_ratios(protocol, rows: list[dict[str, Any]], runs_dir: Path,
+                    settings: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
+    """Each row's ``step_time_ratio``, measured side by side; a method that cannot be timed leaves every ratio
+    None and is reported (the results tables are still written: the runs are what they measure)."""
+    from featkd import bench
+    from featkd.errors import FeatkdError
+
+    print("measuring step times side by side" + (" (the selected settings)" if settings else "") + " ...")
+    try:
+        ratios = bench.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir, settings=settings)
+    except FeatkdError as exc:
+        return [("step-time measurement", str(exc))]
+    for r in rows:
+        r["step_time_ratio"] = ratios.get(r["method"])
+    return []
 
 
 def write_results(out: Path, name: str, payload: dict[str, Any], table: str) -> list[Path]:
@@ -121,12 +134,8 @@ def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: l
     rows = bench_tune.summarise(protocol, tuned)
     if not rows:
         raise FeatkdError(f"no method of {protocol.name} has finished report runs in {runs_dir}")
-    if not args.no_timing:
-        print("measuring step times side by side (the selected settings) ...")
-        settings = {r["method"]: bench.trial_overrides(r["selected_setting"]) for r in rows}
-        ratios = bench.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir, settings=settings)
-        for r in rows:
-            r["step_time_ratio"] = ratios.get(r["method"])
+    settings = {r["method"]: bench.trial_overrides(r["selected_setting"]) for r in rows}
+    timing_failed = [] if args.no_timing else add_step_ratios(protocol, rows, runs_dir, settings)
     cost = {**bench_tune.cost(tuned), "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs}
     first = next(iter(tuned.trials.values()))[0]
     meta = {"protocol": protocol.name, "tuned": True,
@@ -144,4 +153,4 @@ def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: l
     print(f"tuned protocol cost: {cost['cells']} runs ({cost['tuning_cells']} tuning, {cost['report_cells']} "
           f"report), sum of run times {cost['cell_seconds']:.0f} s ({cost['cell_seconds'] / 3600:.2f} CPU-core h "
           f"at one thread per run), wall {cost['wall_seconds']:.0f} s with {args.jobs} job(s) for this invocation")
-    return report_end(written, [(cell.name, msg) for cell, msg in failed])
+    return report_end(written, [(cell.name, msg) for cell, msg in failed] + timing_failed)
