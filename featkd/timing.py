@@ -69,9 +69,9 @@ def step_on(trainer: Any, batches: Sequence[tuple[Any, ...]]) -> Callable[[], No
     state = {"i": 0}
 
     def step() -> None:
-        batch = batches[state["i"] % len(batches)]
+        x, y, *indices = batches[state["i"] % len(batches)]
         state["i"] += 1
-        trainer.train_step(*batch[:2], 0, *batch[2:3])
+        trainer.train_step(x, y, 0, *indices)
 
     return step
 
