@@ -2,7 +2,7 @@
 
 Builds one featkd ``Trainer`` per config (by default the Fashion-MNIST data-limited protocol: KD, FitNets,
 CWT, CWT + KD; same teacher, student, batch size and thread count) and times their full training steps side
-by side in one run with :mod:`featkd.timing` (interleaved rounds, median seconds per step, data loading
+by side in one run with :mod:`featkd.bench.timing` (interleaved rounds, median seconds per step, data loading
 excluded). Writes the ratios to the KD step as JSON. Target: CWT / KD <= 1.10.
 
     python benchmarks/cwt_step_time.py [--set teacher.checkpoint=] [--out benchmarks/results/cwt_step_time.json]
@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
+from featkd.bench.timing import environment, ratios, time_interleaved, trainer_step
 from featkd.config import apply_overrides, build_config, load_raw
 from featkd.engine.trainer import Trainer
-from featkd.timing import environment, ratios, time_interleaved, trainer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from featkd.timing import environment
+from featkd.bench.timing import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from featkd.bench.timing import environment, time_interleaved, trainer_step
 from featkd.config import load_config
 from featkd.engine.trainer import Trainer
-from featkd.methods.dfa import DFA
-from featkd.methods.dfa_search import BridgeSearch, IndexBatches, split_indices
-from featkd.timing import environment, time_interleaved, trainer_step
+from featkd.methods.dfa.distiller import DFA
+from featkd.methods.dfa.search import BridgeSearch, IndexBatches, split_indices
 
 
 def search_iteration(trainer: Trainer, groups: list[int]) -> tuple[Callable[[], None], int]:

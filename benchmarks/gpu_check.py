@@ -69,12 +69,12 @@ import torch.nn.functional as F
 from step_overhead import hand_written_detection_step, hand_written_step  # benchmarks/ (this folder) is on sys.path
 from torch import Tensor
 
+from featkd.bench.timing import environment, step_on, time_interleaved
 from featkd.config import build_config, load_config
 from featkd.data import read_idx, write_idx
 from featkd.engine.trainer import Trainer
 from featkd.methods import METHODS
 from featkd.models import create_model
-from featkd.timing import environment, step_on, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -446,7 +446,7 @@ def check_ddp(sizes: Sizes, data_dir: str, device: str, work: Path, nproc: int, 
         if device == "cuda" and not second["sync_batchnorm_applied"]:
             errors.append("train.sync_batchnorm was not applied on CUDA")
     note = None
-    if nproc == 1:  # featkd/engine/distributed.py: torchrun's single rank still joins a process group
+    if nproc == 1:  # featkd/distributed.py: torchrun's single rank still joins a process group
         note = ("world size 1: a real process group, DDP and SyncBatchNorm modules, but no cross-GPU "
                 "reduction (SyncBatchNorm itself syncs only with two or more GPUs)")
     elif device != "cuda":

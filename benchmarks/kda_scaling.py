@@ -7,7 +7,7 @@ Part 1, the loss alone. For N examples (teacher and student features of width d,
 * ``full``: the same loss on the full N x N kernel matrices, forward + backward.
 
 Each (loss, N, d) runs in a fresh subprocess with one thread: seconds per call (median of interleaved-round
-timing, :mod:`featkd.timing`) and the peak extra resident memory of one forward + backward (Linux
+timing, :mod:`featkd.bench.timing`) and the peak extra resident memory of one forward + backward (Linux
 ``VmHWM`` reset through ``/proc/self/clear_refs`` after the inputs exist and one warm-up call; on CUDA
 ``torch.cuda.max_memory_allocated``). The exponent b of ``time ~ N^b`` and ``memory ~ N^b`` is fitted by
 least squares on log-log over the measured N.
@@ -19,7 +19,7 @@ five people) is reported as ``{"status": "oom", "estimated_bytes": ...}`` instea
 
 Part 2, ``--step-ratio``: one KDA training step (term on) against one Hinton KD step of the same teacher,
 student and batch, timed side by side through real :class:`~featkd.engine.trainer.Trainer` steps
-(:func:`featkd.timing.trainer_step`), with SP and RKD for comparison. Target: KDA / KD <= 1.05.
+(:func:`featkd.bench.timing.trainer_step`), with SP and RKD for comparison. Target: KDA / KD <= 1.05.
 
     python benchmarks/kda_scaling.py [--n 1000 5000 10000 50000] [--widths 64 512] [--step-ratio]
            [--out benchmarks/results/kda_scaling.json]
@@ -59,8 +59,8 @@ def _rss_kib(field: str) -> int:
 def worker(loss: str, n: int, d: int, m: int, device: str, rounds: int) -> dict:
     import torch
 
-    from featkd.methods.kda import kda_loss
-    from featkd.timing import time_interleaved
+    from featkd.bench.timing import time_interleaved
+    from featkd.methods.kda.distiller import kda_loss
 
     torch.set_num_threads(1)
     dev = torch.device(device)
@@ -161,10 +161,10 @@ def scaling(args: argparse.Namespace) -> dict:
 def step_ratio(args: argparse.Namespace) -> dict:
     import torch
 
+    from featkd.bench.timing import ratios, time_interleaved, trainer_step
     from featkd.config import apply_overrides, build_config, load_raw
     from featkd.engine.trainer import Trainer
-    from featkd.timing import ratios, time_interleaved, trainer_step
-    from featkd.zoo import resolve_weights
+    from featkd.models.zoo import resolve_weights
 
     torch.set_num_threads(1)
     out = {}
@@ -221,7 +221,7 @@ def main() -> None:
         print(json.dumps(worker(loss, n, d, m, args.device, args.rounds)))
         return
 
-    from featkd.timing import environment
+    from featkd.bench.timing import environment
 
     result = {"benchmark": "kda_scaling", "environment": environment(), "device": args.device,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}

@@ -3,7 +3,7 @@
 Measured side by side in one run and written as JSON (``benchmarks/results/mgd_overhead.json``):
 
 1. **Training step**: ``Trainer.train_step`` of MGD-AMP / RD / SM vs Hinton KD on the same teacher/student
-   pair, batch and in-memory batches (``featkd.timing``: interleaved rounds, median). Two pairs:
+   pair, batch and in-memory batches (``featkd.bench.timing``: interleaved rounds, median). Two pairs:
    ResNet-20 -> ResNet-8 (equal widths, one teacher channel per group) and ResNet-20 -> ResNet-8 with
    widths 8-16-32 (two teacher channels per group, so AMP/RD really reduce). Target: MGD <= 1.10 x KD.
 2. **Matching update vs epoch**: one ``update_matching`` (statistics pass over N images of the training
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featkd.bench.timing import environment, ratios, time_interleaved, trainer_step
 from featkd.config import build_config
 from featkd.engine.trainer import Trainer
 from featkd.errors import FeatkdError
-from featkd.methods.mgd_matching import cost_sums, solve_matching
-from featkd.timing import environment, ratios, time_interleaved, trainer_step
-from featkd.zoo import resolve_weights
+from featkd.methods.mgd.matching import cost_sums, solve_matching
+from featkd.models.zoo import resolve_weights
 
 PAIRS = [["layer1.0.add", "layer1.2.add"], ["layer2.0.add", "layer2.2.add"], ["layer3.0.add", "layer3.2.add"]]
 

@@ -459,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = args.epochs or 1
         args.seeds = args.seeds or 1
     import featkd
+    from featkd.bench.timing import environment
     from featkd.config import read_yaml
-    from featkd.timing import environment
 
     torch.set_num_threads(args.threads)
     configs = method_configs(args.smoke)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from featkd.bench.timing import environment
 from featkd.config import build_config, load_raw
 from featkd.engine.trainer import Trainer
-from featkd.timing import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

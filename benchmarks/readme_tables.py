@@ -41,8 +41,8 @@ from typing import Any
 
 import yaml
 
-from featkd.bench import METRIC_LABELS, format_mean_se, format_paired
-from featkd.bench_tune import setting_text
+from featkd.bench.runner import METRIC_LABELS, format_mean_se, format_paired
+from featkd.bench.tune import setting_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -165,7 +165,7 @@ def md_table(name: str, spec_text: str = "") -> str:
 
 def demo_text(name: str) -> str:
     """What ``featkd demo`` printed for the results file ``name`` (a fenced text block)."""
-    from featkd.demo import format_table
+    from featkd.apps.demo import format_table
 
     results = load_results(name)
     rows = results["rows"]

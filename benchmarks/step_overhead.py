@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from featkd.bench.timing import environment, paired_ratios, time_interleaved, trainer_step
 from featkd.config import build_config
 from featkd.engine.trainer import Trainer
 from featkd.models import create_model
-from featkd.timing import environment, paired_ratios, time_interleaved, trainer_step
 
 IGNORE_INDEX = 255  # the segmentation data sets' void label; no class id reaches it
 KD = {"name": "kd", "kd_temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.5}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from featkd.timing import environment
+from featkd.bench.timing import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

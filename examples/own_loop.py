@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from featkd import Distillation, create_model
 from featkd.engine.checkpoint import load_model_weights
-from featkd.zoo import resolve_weights
+from featkd.models.zoo import resolve_weights
 
 torch.manual_seed(0)
 digits = load_digits()  # 8x8 images, values 0..16; the split and normalisation featkd's zoo teacher was trained on

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from featkd import Distillation, create_model
 from featkd.engine.checkpoint import load_model_weights
-from featkd.zoo import resolve_weights
+from featkd.models.zoo import resolve_weights
 
 accelerator = Accelerator(cpu=not torch.cuda.is_available())
 torch.manual_seed(0)  # the same initial student on every rank

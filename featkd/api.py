@@ -47,19 +47,19 @@ models). Not built: data, optimiser, schedule, autocast, DDP, checkpoints: those
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from featkd.capture.capture import CapturingModel
 from featkd.data import DataBundle
+from featkd.distributed import process_group_info
 from featkd.engine.build import build_distiller, method_options, probe_output
-from featkd.engine.trainer import TrainStep
+from featkd.engine.step import TrainStep, teacher_outputs
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel
-from featkd.methods.base import Distiller, DistInfo, RunContext
+from featkd.methods.base import Distiller, RunContext
 from featkd.tasks import TASKS, Task
 
 __all__ = ["Distillation", "LoaderData"]
@@ -220,11 +220,7 @@ class Distillation:
         (B,): each sample's index in the training split, for methods with a per-sample memory (CRD)."""
         if not self._set_up:
             self.setup()
-        t_logits, t_feats = None, {}
-        if self.teacher_capture is not None:
-            with torch.no_grad():
-                t_out, t_feats = self.teacher_capture(x)
-                t_logits = self.task.logits(t_out)
+        t_logits, t_feats = teacher_outputs(self.task, self.teacher_capture, x)
         losses, self.student_output = self.module(x, y, t_logits, t_feats, self.epoch, self.step, indices)
         return losses
 
@@ -261,15 +257,6 @@ class Distillation:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.distiller.load_state_dict(state)
-
-
-def process_group_info() -> DistInfo:
-    """This process's place in the torch.distributed group it joined (one process when there is none)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return DistInfo()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    return DistInfo(rank=rank, world_size=world, local_rank=local, process_group=True)
 
 
 class _NoData:

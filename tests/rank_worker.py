@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     from featkd.config import load_config
-    from featkd.engine.distributed import shutdown_distributed
+    from featkd.distributed import shutdown_distributed
 
     cfg = load_config(args.config)
     out = Path(args.out)

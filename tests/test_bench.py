@@ -61,7 +61,7 @@ def test_bench_grid_results_and_resume(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# featkd bench --tune (featkd/bench_tune.py) and the paired columns
+# featkd bench --tune (featkd/bench/tune.py) and the paired columns
 
 def _final(out: Path, key: str) -> float:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1][key]
@@ -157,8 +157,8 @@ def _write(path: Path, text: str) -> str:
 
 
 def test_tuned_protocol_errors(tmp_path, capsys):
-    from featkd import bench_tune
-    from featkd.bench import load_protocol
+    from featkd.bench import tune as bench_tune
+    from featkd.bench.runner import load_protocol
     from featkd.cli import main
     from featkd.errors import FeatkdError
 
@@ -205,7 +205,7 @@ def test_tuned_protocol_errors(tmp_path, capsys):
 
 
 def test_paired_delta_by_hand():
-    from featkd.bench import paired_delta
+    from featkd.bench.runner import paired_delta
 
     d = paired_delta({0: 85.0, 1: 86.0, 2: 84.0, 3: 90.0}, {0: 84.0, 1: 86.5, 2: 82.0})  # seed 3: no partner
     assert d["seeds"] == [0, 1, 2] and d["n"] == 3 and (d["wins"], d["losses"]) == (2, 1)
@@ -240,8 +240,8 @@ def test_one_seed_is_one_student_init_data_order_and_val_split_for_every_method(
 def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
     """Each trial's config (the method's file with the protocol's and the trial's --set items) validates, every
     method with knobs has the same number of trials, and the validation split is set."""
-    from featkd import bench_tune
-    from featkd.bench import load_protocol, tuned_protocols
+    from featkd.bench import tune as bench_tune
+    from featkd.bench.runner import load_protocol, tuned_protocols
 
     assert name in tuned_protocols()
     protocol = load_protocol(name)
@@ -252,7 +252,7 @@ def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
 
 def test_a_method_that_cannot_be_timed_leaves_the_tables_to_be_written(monkeypatch, capsys):
     """The step-time measurement comes after every run: its failure is reported (exit 1), not a lost table."""
-    from featkd import bench
+    from featkd.bench import runner as bench
     from featkd.commands.bench import add_step_ratios
     from featkd.errors import FeatkdError
 

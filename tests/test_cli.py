@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from featkd.config import ConfigError, load_config
-from featkd.zoo import entry_score, is_recipe, load_manifest, resolve_weights
+from featkd.models.zoo import entry_score, is_recipe, load_manifest, resolve_weights
 from tests.test_data import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_library_import_needs_only_torch_numpy_scipy():
     code = (
         "import sys\n"
         "for m in ('yaml', 'sklearn', 'torchvision', 'matplotlib', 'tqdm', 'tensorboard'): sys.modules[m] = None\n"
-        "import featkd.engine.trainer, featkd.features, featkd.methods, featkd.models, featkd.data\n"
+        "import featkd.engine.trainer, featkd.capture.capture, featkd.methods, featkd.models, featkd.data\n"
         "from featkd.models import create_model\n"
         "from featkd.errors import FeatkdError\n"
         "create_model('resnet8', num_classes=10, in_channels=1)\n"

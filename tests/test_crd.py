@@ -181,8 +181,8 @@ def test_digits_run_is_finite_fills_the_bank_and_resumes_exactly(tmp_path):
 
 def test_the_step_timer_passes_each_batch_its_indices():
     """featkd bench's side-by-side step timing (timing.trainer_step) runs CRD, which needs Batch.indices."""
+    from featkd.bench.timing import trainer_step
     from featkd.engine.trainer import Trainer
-    from featkd.timing import trainer_step
 
     trainer = Trainer(digits_config(), None, log=QUIET)
     trainer.distiller.setup(trainer.context())  # the other-class negatives' label table, as bench does

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from featkd.capture.capture import CapturingModel
 from featkd.config import ConfigError
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods import METHODS
 from featkd.methods.base import Batch, BuildContext
 from featkd.methods.cwd import CWDConfig, channel_wise_divergence

@@ -14,10 +14,10 @@ import torch
 import yaml
 from torch import nn
 
+from featkd.capture.capture import CapturingModel
 from featkd.config import build_config, from_dict, load_config
 from featkd.engine.trainer import train
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods import METHODS
 from featkd.methods.base import Batch
 from featkd.methods.cwt import CWT, cwt_l2

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from featkd.capture.capture import CapturingModel
 from featkd.config import build_config
 from featkd.data import DataConfig, build_data
 from featkd.engine.build import build_run
 from featkd.errors import ConfigError, DataError, FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods.common import expand_entry_pairs
 from featkd.methods.pkd import pkd_loss
 from featkd.models import create_model
@@ -394,7 +394,8 @@ SCENES = {"canvas_size": 64, "train_size": 320, "test_size": 96, "max_scale": 1.
 def test_statistics_passes_run_only_the_backbones_of_both_detectors(one_thread):
     """MGD's matching pass (RunContext.iter_features) takes the task's frozen-model forward: trunk features
     equal to the full forward's, and neither detector's head (nor post-processing) runs."""
-    from featkd.methods.base import DistInfo, RunContext
+    from featkd.distributed import DistInfo
+    from featkd.methods.base import RunContext
 
     task = DetectionTask(3)
     teacher = create_model("fcos_resnet20", num_classes=3).eval()

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from featkd.capture.capture import CapturingModel
 from featkd.cli import main
 from featkd.config import build_config
 from featkd.data import DataConfig, build_data
 from featkd.engine.trainer import Trainer, train
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods.base import Batch, BuildContext
-from featkd.methods.dfa import DFA, DFAConfig, build_pairs, fixed_alpha, write_alpha_outputs
-from featkd.methods.dfa_search import (
+from featkd.methods.dfa.distiller import DFA, DFAConfig, build_pairs, fixed_alpha, write_alpha_outputs
+from featkd.methods.dfa.search import (
     BridgeSearch,
     DFASearchConfig,
     IndexBatches,

@@ -1,4 +1,4 @@
-"""Layer groups found from a model's graph and shapes (featkd.groups) and ``featkd layers --groups``."""
+"""Layer groups found from a model's graph and shapes (featkd.capture.groups) and ``featkd layers --groups``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from featkd.capture.groups import LayerGroup, cut_nodes, find_groups, groups_from_points, match_groups
 from featkd.cli import main
 from featkd.errors import ConfigError
-from featkd.groups import LayerGroup, cut_nodes, find_groups, groups_from_points, match_groups
 from featkd.models import create_model
 
 torchvision = pytest.importorskip("torchvision")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from featkd.apps.export import export_student
 from featkd.engine import checkpoint as ckpt
-from featkd.export import export_student
 from featkd.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from featkd.capture.capture import CapturingModel, list_capture_points, preceding_batchnorm, trace
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel, list_capture_points, preceding_batchnorm, trace
 from featkd.models import create_model
 
 torchvision = pytest.importorskip("torchvision")

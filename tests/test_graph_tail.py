@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from featkd.capture.capture import CapturingModel
+from featkd.capture.graph_tail import GraphTail
+from featkd.capture.groups import find_groups
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel
-from featkd.graph_tail import GraphTail
-from featkd.groups import find_groups
 from featkd.models import create_model
 
 torchvision = pytest.importorskip("torchvision")

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from featkd.config import from_dict
+from featkd.distributed import DistInfo
 from featkd.errors import ConfigError
 from featkd.methods import METHODS
-from featkd.methods.base import Batch, BuildContext, DistInfo, RunContext
-from featkd.methods.kda import KDA, NORMALIZED_WEIGHT, OFFICIAL_WEIGHT, KDAConfig, kda_loss
-from featkd.methods.kda_landmarks import kernel, kernel_diagnostics, kmeans, nystrom, pool_to_vector
+from featkd.methods.base import Batch, BuildContext, RunContext
+from featkd.methods.kda.distiller import KDA, NORMALIZED_WEIGHT, OFFICIAL_WEIGHT, KDAConfig, kda_loss
+from featkd.methods.kda.landmarks import kernel, kernel_diagnostics, kmeans, nystrom, pool_to_vector
 from tests.helpers import tiny_context
 
 
@@ -195,7 +196,7 @@ def test_options_are_checked():
     ("resnet20", "mobilenetv2", ("fc:input", None)),
 ])
 def test_default_feature_is_the_classifier_input_for_any_model(teacher, student, points):
-    from featkd.features import CapturingModel
+    from featkd.capture.capture import CapturingModel
     from featkd.models import classifier_name, create_model
 
     t = create_model(teacher, num_classes=10, in_channels=3).eval()

@@ -122,7 +122,7 @@ def featkd(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_kernel_command_on_a_trained_pair_and_on_identical_networks(tmp_path):
-    from featkd.zoo import resolve_weights
+    from featkd.models.zoo import resolve_weights
 
     cfg = tmp_path / "kda.yaml"
     cfg.write_text(yaml.safe_dump(raw_config()))

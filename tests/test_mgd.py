@@ -17,14 +17,15 @@ import yaml
 from scipy.stats import norm
 from torch import nn
 
+from featkd.capture.capture import CapturingModel
 from featkd.config import from_dict
 from featkd.data import DataConfig, build_data
+from featkd.distributed import DistInfo
 from featkd.engine import checkpoint as ckpt
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods import METHODS
-from featkd.methods.base import Batch, BuildContext, DistInfo, RunContext
-from featkd.methods.mgd import (
+from featkd.methods.base import Batch, BuildContext, RunContext
+from featkd.methods.mgd.distiller import (
     MatchingGuidedDistiller,
     bn_margins,
     official_stage_weights,
@@ -34,7 +35,7 @@ from featkd.methods.mgd import (
     reduce_sm,
 )
 from featkd.models import create_model
-from featkd.zoo import resolve_weights
+from featkd.models.zoo import resolve_weights
 from tests.helpers import tiny_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -605,7 +606,7 @@ def test_match_cli_writes_json_and_heatmaps_and_keeps_existing_output(tmp_path, 
 
 
 def test_missing_matplotlib_is_a_one_line_error(monkeypatch, tmp_path):
-    from featkd.methods.mgd_report import require_pyplot
+    from featkd.methods.mgd.report import require_pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)

@@ -1,4 +1,4 @@
-"""MGD matching statistics and assignment (featkd.methods.mgd_matching) against loops and brute force."""
+"""MGD matching statistics and assignment (featkd.methods.mgd.matching) against loops and brute force."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featkd.methods.mgd_matching import (
+from featkd.methods.mgd.matching import (
     Matching,
     StageStatistics,
     all_reduce_statistics,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import fx, nn
 
+from featkd.capture.capture import CapturingModel, list_capture_points, preceding_batchnorm
 from featkd.cli import main as featkd_main
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel, list_capture_points, preceding_batchnorm
 from featkd.models import SEGMENTATION_MODELS, create_model, model_kind, segmentation_logits
 from featkd.models.segmentation import BACKBONES
 from tests.test_models import inplace_nodes

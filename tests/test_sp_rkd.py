@@ -112,7 +112,7 @@ def test_rkd_works_across_widths_on_real_models():
     teacher = create_model("resnet20", num_classes=10, in_channels=1)
     student = create_model("resnet8", num_classes=10, in_channels=1, widths=[8, 16, 32])
     ctx = BuildContext(teacher, student, (1, 8, 8), 10, torch.device("cpu"))
-    from featkd.features import CapturingModel
+    from featkd.capture.capture import CapturingModel
 
     x = torch.randn(6, 1, 8, 8)
     for name in ("rkd", "sp"):

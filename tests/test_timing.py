@@ -1,4 +1,4 @@
-"""featkd.timing: interleaved rounds keep every round's sample, paired ratios are taken round by round."""
+"""featkd.bench.timing: interleaved rounds keep every round's sample, paired ratios are taken round by round."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from featkd.timing import paired_ratios, time_interleaved
+from featkd.bench.timing import paired_ratios, time_interleaved
 
 
 def test_samples_are_the_rounds_and_paired_ratios_pair_them() -> None:

@@ -1,4 +1,4 @@
-"""Token and channels-last capture points (featkd.layouts): the adapter's shapes and errors, the ViT's points
+"""Token and channels-last capture points (featkd.capture.layouts): the adapter's shapes and errors, the ViT's points
 through CapturingModel, and MGD / CWT / FitNets / AT training ViT -> CNN, CNN -> ViT and ViT -> ViT on real
 Fashion-MNIST images."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from featkd import Distillation
+from featkd.capture.capture import CapturingModel, preceding_batchnorm
+from featkd.capture.layouts import Layout, split_point, to_map, token_grid
 from featkd.cli import main
 from featkd.data import DataConfig, build_data
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel, preceding_batchnorm
-from featkd.layouts import Layout, split_point, to_map, token_grid
 from featkd.models import create_model
 
 pytest.importorskip("torchvision")

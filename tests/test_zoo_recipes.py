@@ -15,7 +15,7 @@ import yaml
 
 from featkd.config import load_config
 from featkd.errors import FeatkdError
-from featkd.zoo import build_dir, entry_score, is_recipe, load_manifest, resolve_weights, zoo_entry
+from featkd.models.zoo import build_dir, entry_score, is_recipe, load_manifest, resolve_weights, zoo_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

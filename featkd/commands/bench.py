@@ -2,7 +2,7 @@
 
 Finished cells are kept (the grid resumes where it stopped); results go to
 ``benchmarks/results/<protocol>.json`` and ``.md`` (+ plots). A protocol with a ``tune:`` section runs with
-``--tune`` (:mod:`featkd.bench_tune`: trials selected on the validation split, then N report seeds).
+``--tune`` (:mod:`featkd.bench.tune`: trials selected on the validation split, then N report seeds).
 ``--estimate RESULTS_JSON`` trains nothing and prints the grid's expected cost. See ``benchmarks/README.md``.
 """
 
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import time
 
-    from featkd import bench
+    from featkd.bench import runner as bench
+    from featkd.bench.timing import environment
     from featkd.errors import FeatkdError
-    from featkd.timing import environment
 
     protocol = bench.load_protocol(args.protocol)
     seeds = args.seeds or protocol.seeds
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir or f"runs/bench/{protocol.name}")
     extra = [x for item in args.overrides for x in ("--set", item)]
     if args.estimate:
-        from featkd import bench_tune
+        from featkd.bench import tune as bench_tune
 
         labels = bench.select_labels(protocol, args.methods)
         estimate = bench_tune.estimate(protocol, labels, seeds, args.estimate, args.overrides)
@@ -87,7 +87,7 @@ def add_step_ratios(protocol, rows: list[dict[str, Any]], runs_dir: Path,
                     settings: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
     """Each row's ``step_time_ratio``, measured side by side; a method that cannot be timed leaves every ratio
     None and is reported (the results tables are still written: the runs are what they measure)."""
-    from featkd import bench
+    from featkd.bench import runner as bench
     from featkd.errors import FeatkdError
 
     print("measuring step times side by side" + (" (the selected settings)" if settings else "") + " ...")
@@ -118,13 +118,14 @@ def report_end(written: list[Path], failed: list[tuple[str, str]]) -> int:
 
 
 def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: list[str]) -> int:
-    """``--tune``: both phases of :mod:`featkd.bench_tune`, then its table; the cost is printed and stored."""
+    """``--tune``: both phases of :mod:`featkd.bench.tune`, then its table; the cost is printed and stored."""
     import shlex
     import time
 
-    from featkd import bench, bench_tune
+    from featkd.bench import runner as bench
+    from featkd.bench import tune as bench_tune
+    from featkd.bench.timing import environment
     from featkd.errors import FeatkdError
-    from featkd.timing import environment
 
     t0 = time.perf_counter()
     labels = bench.select_labels(protocol, args.methods)

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from featkd import demo
+    from featkd.apps import demo
     from featkd.errors import FeatkdError
 
     if args.seeds < 1:

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from featkd.environment import report
+    from featkd.apps.environment import report
 
     lines = report()
     problems = [item for item, _, ok in lines if not ok]

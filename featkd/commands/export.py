@@ -6,7 +6,7 @@ rebuilt on the CPU from the run's config, its weights loaded, and written to FIL
 weights, ``student.torchscript`` / ``student.onnx`` / ``student.safetensors``). The file is then loaded
 back and its outputs compared with the PyTorch student's on the first ``--batch`` images of the test split;
 the maximum absolute difference is printed, and a difference above ``--atol`` is an error (exit 2). See
-:mod:`featkd.export` for what each format holds and how it is checked (ONNX with onnxruntime when installed).
+:mod:`featkd.apps.export` for what each format holds and how it is checked (ONNX with onnxruntime when installed).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from featkd.apps.export import FORMATS, export_student
     from featkd.config import apply_overrides, build_config, load_config
     from featkd.engine import checkpoint as ckpt
     from featkd.engine.build import build_run
     from featkd.errors import FeatkdError
-    from featkd.export import FORMATS, export_student
     from featkd.models import create_model
 
     source = Path(args.run)

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from featkd.engine import checkpoint as ckpt
     from featkd.engine.build import build_run
     from featkd.errors import ConfigError, FeatkdError
-    from featkd.methods.kda import KDA, kda_loss
-    from featkd.methods.kda_landmarks import kernel_diagnostics
+    from featkd.methods.kda.distiller import KDA, kda_loss
+    from featkd.methods.kda.landmarks import kernel_diagnostics
 
     if args.n < 2:
         raise FeatkdError(f"--n {args.n}: need at least 2 examples")
@@ -169,7 +169,7 @@ def _plot(plt, f_t, f_s, y, c_t, c_s, kind, report, shown, path) -> None:
     the partial matrices, and the relative numbers as bars."""
     import torch
 
-    from featkd.methods.kda_landmarks import kernel, rbf_gamma
+    from featkd.methods.kda.landmarks import kernel, rbf_gamma
 
     order = torch.argsort(y[:shown], stable=True)
     a, b = f_t[:shown][order].double(), f_s[:shown][order].double()

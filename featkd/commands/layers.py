@@ -10,11 +10,11 @@ module returning a tuple such as ``nn.MultiheadAttention``, reads of parameters 
 many.
 
 A per-example (N, C) shape that reads as tokens (0, 1 or 2 leading tokens + a patch grid of the input's aspect,
-:mod:`featkd.layouts`) gets a last column, ``1+7x7``: capture the point as ``NAME:tokens`` to distil it as a
+:mod:`featkd.capture.layouts`) gets a last column, ``1+7x7``: capture the point as ``NAME:tokens`` to distil it as a
 (C, 7, 7) map.
 
 ``--groups`` shows instead the layer groups found from the model's graph and shapes (the blocks of each
-same-spatial-size stage, as DFA uses them; :mod:`featkd.groups`); with ``--student NAME`` also the
+same-spatial-size stage, as DFA uses them; :mod:`featkd.capture.groups`); with ``--student NAME`` also the
 student's groups and how the two are paired.
 """
 
@@ -59,10 +59,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def run(args: argparse.Namespace) -> int:
     import re
 
+    from featkd.capture.capture import list_capture_points
+    from featkd.capture.layouts import token_hint
     from featkd.config import parse_override
     from featkd.errors import FeatkdError
-    from featkd.features import list_capture_points
-    from featkd.layouts import token_hint
     from featkd.models import create_model
 
     shape = parse_shape(args.input_shape)
@@ -106,8 +106,8 @@ def per_example(point) -> bool:
 
 
 def show_groups(args: argparse.Namespace, model, shape: tuple[int, int, int]) -> int:
+    from featkd.capture.groups import find_groups, format_groups, match_groups
     from featkd.errors import FeatkdError
-    from featkd.groups import find_groups, format_groups, match_groups
     from featkd.models import create_model
 
     if not args.groups:

@@ -32,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from featkd.config import load_config
+    from featkd.distributed import shutdown_distributed
     from featkd.engine.build import build_run
-    from featkd.engine.distributed import shutdown_distributed
     from featkd.errors import FeatkdError
-    from featkd.methods.mgd import MatchingGuidedDistiller
-    from featkd.methods.mgd_report import require_pyplot, write_report
+    from featkd.methods.mgd.distiller import MatchingGuidedDistiller
+    from featkd.methods.mgd.report import require_pyplot, write_report
 
     overrides = list(args.overrides)
     for value, key in ((args.images, "method.stats_images"), (args.seed, "train.seed"),

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.config import load_config
     from featkd.engine.build import build_run
     from featkd.errors import FeatkdError
-    from featkd.methods.dfa import ALPHA_JSON, DFA, write_alpha_outputs
+    from featkd.methods.dfa.distiller import ALPHA_JSON, DFA, write_alpha_outputs
 
     overrides = list(args.overrides)
     if args.epochs is not None:

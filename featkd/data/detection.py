@@ -5,7 +5,7 @@ RGB) into one uint8 tensor (N, 3, H, W) of one size: ``data.image_size`` when se
 bilinearly, its boxes and areas scaled, its masks resized by nearest neighbour), else the first image's
 size, which every image must then have. With ``data.masks`` each annotation's segmentation is decoded to a
 uint8 mask at the image's size. :class:`DetectionSource` then builds a
-:class:`~featkd.data.sources.DataBundle` with ``task`` "detection":
+:class:`~featkd.data.bundle.DataBundle` with ``task`` "detection":
 
 * ``num_classes`` = K + 1 and ``class_names`` = ``("background", *category names)``: label ``k`` (1..K) is
   the k-th category by ascending COCO id (0 is the background; see :mod:`featkd.models.detection`);
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featkd.data.augment import AugmentSpec, draw_params, mix_seed
+from featkd.data.bundle import DataBundle, DataConfig, train_augment
 from featkd.data.coco import CocoInstances, annotation_mask
 from featkd.data.images import open_image
 from featkd.data.loaders import Device, canonical_device, eval_shard_indices, per_rank_batch, train_shard_indices
-from featkd.data.sources import DataBundle, DataConfig, train_augment
 from featkd.data.splits import split_dense
 from featkd.errors import ConfigError, DataError
 
@@ -267,7 +267,7 @@ class DetectionEvalLoader:
 
 
 class DetectionBackend:
-    """The loader factories of a detection :class:`~featkd.data.sources.DataBundle`."""
+    """The loader factories of a detection :class:`~featkd.data.bundle.DataBundle`."""
 
     def __init__(self, train: DetectionSplit, val: DetectionSplit | None, test: DetectionSplit,
                  aug: AugmentSpec, scale_jitter: tuple[float, float] | None = None) -> None:

@@ -254,7 +254,7 @@ class InMemoryEvalLoader:
 
 
 class InMemoryBackend:
-    """The loader factories of a :class:`~featkd.data.sources.DataBundle` whose splits are in memory."""
+    """The loader factories of a :class:`~featkd.data.bundle.DataBundle` whose splits are in memory."""
 
     def __init__(
         self,

@@ -342,7 +342,7 @@ def write_split(folder: Path, source: SourceSplit, cfg: ScenesConfig, split: str
 
 def load_source(cfg: ScenesConfig) -> dict[str, SourceSplit]:
     """The source's train and test splits, read by its registered data set (``source_dir`` as data_dir)."""
-    from featkd.data.sources import DATASETS, DataConfig  # here: sources imports this module
+    from featkd.data.bundle import DATASETS, DataConfig  # here: sources imports this module
 
     src = DATASETS.get(cfg.source)(DataConfig(dataset=cfg.source, data_dir=cfg.source_dir))
     return {

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featkd.data.bundle import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from featkd.data.scenes import ensure_scenes
 from featkd.data.segmentation import (
     IGNORE_INDEX,
@@ -39,7 +40,6 @@ from featkd.data.segmentation import (
     read_pairs,
     target_size,
 )
-from featkd.data.sources import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from featkd.errors import DataError, FeatkdError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -8,7 +8,7 @@ antialiased) and the mask by nearest neighbour. Each mask file's raw values go t
 (identity for most sets, label id -> train id for Cityscapes), which also rejects values that are neither a
 class id nor the ignore index.
 
-:class:`SegmentationSource` then builds a :class:`~featkd.data.sources.DataBundle` with ``task``
+:class:`SegmentationSource` then builds a :class:`~featkd.data.bundle.DataBundle` with ``task``
 "segmentation" over the same in-memory loaders as classification: ``(x, y)`` with ``x`` float32 normalised
 (B, 3, H, W) and ``y`` int64 (B, H, W) in ``[0, num_classes)`` or ``ignore_index`` (255), on the device. The
 train augmentation (random crop after padding, horizontal flip) moves each mask with its image; mask
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from featkd.data.bundle import DataBundle, DataConfig, in_memory_bundle, train_augment
 from featkd.data.images import open_image
 from featkd.data.loaders import Normalizer, TensorSplit
-from featkd.data.sources import DataBundle, DataConfig, in_memory_bundle, train_augment
 from featkd.data.splits import split_dense
 from featkd.errors import DataError
 

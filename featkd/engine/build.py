@@ -21,18 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from featkd.capture.capture import CapturingModel
 from featkd.config import ExperimentConfig, ModelConfig, from_dict
 from featkd.data import DataBundle, build_data
+from featkd.distributed import DistInfo, init_distributed
 from featkd.engine import checkpoint as ckpt
-from featkd.engine.distributed import init_distributed
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import CapturingModel
 from featkd.methods import METHODS
-from featkd.methods.base import BuildContext, Distiller, DistillerConfig, DistInfo, RunContext
+from featkd.methods.base import BuildContext, Distiller, DistillerConfig, RunContext
 from featkd.methods.common import expand_entry_pairs
 from featkd.models import create_model
+from featkd.models.zoo import resolve_weights
 from featkd.tasks import Task, task_for
-from featkd.zoo import resolve_weights
 
 #: device types on which ``train.sync_batchnorm`` converts BatchNorm to SyncBatchNorm (torch's SyncBatchNorm
 #: refuses other inputs in training under a process group; on the CPU each rank keeps its own statistics)

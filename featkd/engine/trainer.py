@@ -36,16 +36,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from featkd.config import ExperimentConfig, dump_yaml
+from featkd.distributed import gather_objects
 from featkd.engine import checkpoint as ckpt
 from featkd.engine import runfolder
 from featkd.engine.build import build_run
-from featkd.engine.distributed import gather_objects
 from featkd.engine.logging import MetricsWriter, format_epoch, progress, write_json
 from featkd.engine.schedule import lr_factor
+from featkd.engine.step import TrainStep, teacher_outputs
 from featkd.engine.teacher_cache import open_teacher_cache
 from featkd.errors import ConfigError, DivergenceError, FeatkdError
-from featkd.features import CapturingModel
-from featkd.methods.base import Batch, Distiller, RunContext
+from featkd.methods.base import RunContext
 
 #: config keys that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {
@@ -66,25 +66,6 @@ class _Preempted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-class TrainStep(nn.Module):
-    """Student capture + distiller as one module, so DDP synchronises both."""
-
-    def __init__(self, student: CapturingModel, distiller: Distiller) -> None:
-        super().__init__()
-        self.student = student
-        self.distiller = distiller
-
-    def forward(
-        self, x: Tensor, y: Any, t_logits: Tensor | None, t_feats: dict[str, Tensor], epoch: int, step: int,
-        indices: Tensor | None = None,
-    ) -> tuple[dict[str, Tensor], Any]:
-        s_logits, s_feats, task_losses = self.distiller.task.forward_student(self.student, x, y)
-        batch = Batch(inputs=x, targets=y, student_logits=s_logits, student_features=s_feats,
-                      teacher_logits=t_logits, teacher_features=t_feats, epoch=epoch, step=step,
-                      task_losses=task_losses, indices=indices)
-        return self.distiller(batch), s_logits
 
 
 @dataclass
@@ -410,10 +391,9 @@ class Trainer:
             x = self.run.prepare_input(x)
             t_logits, t_feats = None, {}
             if self.teacher_capture is not None:
-                with torch.no_grad():
-                    t_logits, t_feats = self.teacher_cache.outputs(  # read from train.teacher_cache, or run
-                        epoch, step - epoch * self.steps_per_epoch, x,
-                        lambda: self.task.forward_teacher(self.teacher_capture, x))
+                t_logits, t_feats = self.teacher_cache.outputs(  # read from train.teacher_cache, or run
+                    epoch, step - epoch * self.steps_per_epoch, x,
+                    lambda: teacher_outputs(self.task, self.teacher_capture, x))
             losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step, indices)
         total = sum(losses.values())
         self._check_finite(total, losses, epoch, step)

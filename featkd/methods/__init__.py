@@ -23,13 +23,15 @@ def register(name: str):
 
 
 def _import_all() -> None:
-    """Import every module of this package: each method registers itself (a new file is a new method)."""
+    """Import every module of this package and its sub-packages: each method registers itself (a new file,
+    or a new sub-package for a method of several files, is a new method)."""
     import importlib
     import pkgutil
 
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base", "common") and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    for info in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+        leaf = info.name.rsplit(".", 1)[-1]
+        if leaf not in ("base", "common") and not leaf.startswith("_"):
+            importlib.import_module(info.name)
 
 
 _import_all()

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from featkd.capture.capture import CapturingModel
+from featkd.distributed import DistInfo
 from featkd.errors import FeatkdError
-from featkd.features import CapturingModel
 from featkd.tasks import ClassificationTask, Task
 from featkd.tasks.classification import hinton_kd_loss  # noqa: F401  (public here since 0.1)
 
@@ -76,49 +77,6 @@ class Batch:
     #: (B,) int64: each sample's index in the training split (0 .. train_size - 1), on the inputs' device;
     #: set only for methods with ``needs_indices`` (a per-sample memory: CRD), else None
     indices: Tensor | None = None
-
-
-@dataclass
-class DistInfo:
-    """Where this process sits in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    process_group: bool = False  # joined a torch.distributed group (under torchrun, even with one process)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        """Collectives and DDP are in use: several processes, or one process launched by torchrun."""
-        return self.process_group or self.world_size > 1
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """Sum ``tensor`` over all ranks, in place (no-op in a single process). Every rank must call it."""
-        if self.enabled:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order; the
-        tensor itself in a single process. Every rank must call it."""
-        if not self.enabled:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
-        if self.enabled:
-            torch.distributed.broadcast(tensor, src=src)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
 
 
 @dataclass

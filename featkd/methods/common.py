@@ -93,7 +93,7 @@ def check_spatial(
     option: str = "method.resize_teacher",
 ) -> None:
     """Raise a clear error if two (C, H, W) feature shapes differ spatially and resizing is off (a point of
-    (N, C) tokens gets the hint to capture it as ``POINT:tokens``, :mod:`featkd.layouts`)."""
+    (N, C) tokens gets the hint to capture it as ``POINT:tokens``, :mod:`featkd.capture.layouts`)."""
     if len(s_shape) != 3 or len(t_shape) != 3:
         tokens = [p for p, shape in ((s_point, s_shape), (t_point, t_shape)) if len(shape) == 2]
         hint = f"; for (N, C) tokens capture '{tokens[0]}:tokens' (or ':tokens=P', ':nhwc')" if tokens else ""
@@ -123,7 +123,7 @@ def entry_strides(model: nn.Module, module_name: str, example: Tensor) -> dict[s
     """``{key: stride}`` of the (B, C, h, w) entries of a module's dict / tuple output (an FPN's levels) on
     ``example`` (B, C, H, W): ``H / h`` rounded to a power of two (a 96-px input's stride-64 level is 2x2,
     its stride-32 level 3x3); one forward in eval mode."""
-    from featkd.features import entries
+    from featkd.capture.capture import entries
 
     try:
         module = model.get_submodule(module_name)

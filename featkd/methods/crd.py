@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featkd.distributed import DistInfo
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
-from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, DistInfo, RunContext
+from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
 from featkd.methods.common import embedding_pairs
 
 #: added to the NCE denominators (RepDistiller ``crd/criterion.py``: ``eps = 1e-7``)

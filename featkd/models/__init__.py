@@ -7,7 +7,7 @@ only (a tensor), uses no in-place operation and is traceable by :func:`torch.fx.
   see :func:`classifier_name`).
 - ``vit_tiny_p4`` (:mod:`featkd.models.vit`) is torchvision's ViT with 4x4 patches; unlike the CNNs it takes
   only inputs of its ``image_size`` (default 28), and its blocks output (B, 1 + h*w, C) tokens (capture them as
-  ``point:tokens``, :mod:`featkd.layouts`).
+  ``point:tokens``, :mod:`featkd.capture.layouts`).
 - Segmenters (``fcn_<backbone>``, ``deeplab_<backbone>``: :mod:`featkd.models.segmentation`) return
   (B, K, H, W) logits at the input's size and end with a 1x1 convolution.
 - Detectors (``retinanet_<backbone>``, ``fcos_<backbone>``, ``fasterrcnn_<backbone>``, ``maskrcnn_<backbone>``:

@@ -9,7 +9,7 @@ normal, std ``sqrt(1 / fan_in)``, zero bias). Defaults: 4 encoder blocks, width 
 
 Unlike the CNNs, the model takes only inputs of its ``image_size`` (torchvision asserts it). Its blocks
 ``encoder.layers.encoder_layer_{i}`` (and ``encoder.ln``) output (B, 1 + 49, C) tokens: capture them as
-``encoder.layers.encoder_layer_3:tokens`` to get (B, C, 7, 7) maps (:mod:`featkd.layouts`). The classifier is
+``encoder.layers.encoder_layer_3:tokens`` to get (B, C, 7, 7) maps (:mod:`featkd.capture.layouts`). The classifier is
 ``heads.head`` (the last ``nn.Linear``), fed with the class token; it is zero-initialised, as torchvision does.
 """
 

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from featkd.errors import FeatkdError
 
 if TYPE_CHECKING:
+    from featkd.capture.capture import CapturingModel
     from featkd.data import DataBundle
-    from featkd.features import CapturingModel
-    from featkd.methods.base import DistInfo
+    from featkd.distributed import DistInfo
 
 
 class Evaluator:
@@ -88,7 +88,7 @@ class Task:
     ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor] | None]:
         """One training forward of the student: ``(logits, {point: feature}, task loss terms or None)``.
 
-        ``capture`` returns ``(output, features)`` (a :class:`~featkd.features.CapturingModel`, possibly
+        ``capture`` returns ``(output, features)`` (a :class:`~featkd.capture.capture.CapturingModel`, possibly
         compiled). The default calls it on ``x`` alone and leaves the task loss to :meth:`loss_terms`; a task
         whose models compute their own loss (a detector in train mode) returns those terms here."""
         output, features = capture(x)
@@ -115,7 +115,7 @@ class Task:
             logits = None
         if not isinstance(logits, Tensor) or logits.ndim != self.logits_ndim:
             raise FeatkdError(
-                f"{role}.model: {model_name!r} is {_describe(output)}, but data set {data_name!r} is for "
+                f"{role}.model: {model_name!r} is {describe_output(output)}, but data set {data_name!r} is for "
                 f"{self.name}: choose a {self.model_kind} (or a data set of the model's task)"
             )
         if logits.shape[1] != self.num_classes:
@@ -150,7 +150,7 @@ class Task:
 _KIND_BY_NDIM = {2: "a classifier", 4: "a segmenter"}
 
 
-def _describe(output: Any) -> str:
+def describe_output(output: Any) -> str:
     """'a segmenter (output (2, 11, 64, 64))', 'a classifier (output (2, 10))', 'a detector (...)', or what
     the output is."""
     if isinstance(output, dict) and isinstance(output.get("out"), Tensor):

@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from featkd.distributed import broadcast_object
 from featkd.errors import ConfigError, FeatkdError
-from featkd.tasks.base import Evaluator, Task, _describe
+from featkd.tasks.base import Evaluator, Task, describe_output
 
 if TYPE_CHECKING:
+    from featkd.capture.capture import CapturingModel
     from featkd.data import DataBundle
-    from featkd.features import CapturingModel
-    from featkd.methods.base import DistInfo
+    from featkd.distributed import DistInfo
 
 #: COCOeval.stats indices of the six AP numbers, in this order
 AP_NAMES = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l")
@@ -161,9 +162,8 @@ class CocoEvaluator(Evaluator):
 
         gathered: list[Any] | None = [None] * dist.world_size if dist.is_main else None
         tdist.gather_object(self.records, gathered, dst=0)
-        box = [self._score([r for part in gathered for r in part]) if dist.is_main else None]
-        tdist.broadcast_object_list(box, src=0)
-        self._result = box[0]
+        scored = self._score([r for part in gathered for r in part]) if dist.is_main else None
+        self._result = broadcast_object(scored, dist)
 
     def result(self) -> dict[str, Any]:
         if self._result is None:
@@ -260,7 +260,7 @@ class DetectionTask(Task):
     ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor] | None]:
         output, features = capture(x, training_targets(targets))
         if not isinstance(output, Mapping) or not all(isinstance(v, Tensor) for v in output.values()):
-            raise FeatkdError(f"a detector in train mode must return its dict of losses, got {_describe(output)}")
+            raise FeatkdError(f"a detector in train mode must return its dict of losses, got {describe_output(output)}")
         terms = {str(k).removeprefix("loss_"): v.float() for k, v in output.items()}
         return None, features, terms
 
@@ -281,7 +281,8 @@ class DetectionTask(Task):
               and all(isinstance(o, Mapping) and {"boxes", "labels", "scores"} <= set(o) for o in output))
         if not ok:
             raise FeatkdError(
-                f"{role}.model: {model_name!r} is {_describe(output)}, but data set {data_name!r} is for detection: "
+                f"{role}.model: {model_name!r} is {describe_output(output)}, but data set {data_name!r} is for "
+                "detection: "
                 "choose a detector (a list of {boxes, labels, scores} per image in eval mode), e.g. "
                 "retinanet_resnet8 or torchvision:retinanet_resnet50_fpn"
             )

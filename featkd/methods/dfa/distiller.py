@@ -4,7 +4,7 @@ Multi-teacher distillation imitated with one teacher: every layer group (blocks 
 the teacher is aggregated into one target ``A_i = sum_j alpha_i^j T_i^j`` and the student's group output
 regresses it through a 1x1 connector. Two stages, both run by ``featkd train``:
 
-1. **search** (:mod:`featkd.methods.dfa_search`, in :meth:`DFA.setup` before the first epoch, or alone
+1. **search** (:mod:`featkd.methods.dfa.search`, in :meth:`DFA.setup` before the first epoch, or alone
    with ``featkd search``): alpha = softmax(beta) found by a DARTS-style bilevel search with the bridge
    loss on a seeded split of the training set.
 2. **distillation** (:meth:`DFA.loss`): ``CE + weight * sum_i mean((connector_i(S_i) - A_i)^2)`` with the
@@ -15,7 +15,7 @@ regresses it through a 1x1 connector. Two stages, both run by ``featkd train``:
 last block: FitNets on the group outputs), ``average`` (uniform alpha) and ``random`` (alpha drawn
 uniformly from the simplex, seeded). ``alpha_file`` reuses a search written by ``featkd search``.
 
-Groups are found automatically (:mod:`featkd.groups`; ``featkd layers MODEL --groups`` shows them) or
+Groups are found automatically (:mod:`featkd.capture.groups`; ``featkd layers MODEL --groups`` shows them) or
 given in ``teacher_groups`` / ``student_points``; teacher and student groups are paired in order (or by
 spatial size when their counts differ).
 
@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featkd.capture.groups import LayerGroup, find_groups, groups_from_points, match_groups
 from featkd.errors import ConfigError, FeatkdError
-from featkd.groups import LayerGroup, find_groups, groups_from_points, match_groups
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
 from featkd.methods.common import check_spatial, conv1x1_connector, resize_like
-from featkd.methods.dfa_search import (
+from featkd.methods.dfa.search import (
     BridgeSearch,
     DFASearchConfig,
     GroupPair,

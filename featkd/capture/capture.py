@@ -30,7 +30,7 @@ holds the value the point had when it was produced.
 
 A point may end in a layout suffix (``"encoder.layers.encoder_layer_3:tokens"``, ``":tokens=1"``, ``":nhwc"``):
 the tensor captured at the point before the suffix is returned as a (B, C, H, W) map, a ViT's tokens without
-the class token reshaped to the patch grid (:mod:`featkd.layouts`, the one adapter every method relies on).
+the class token reshaped to the patch grid (:mod:`featkd.capture.layouts`, the one adapter every method relies on).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from featkd.capture.layouts import split_point, to_map
 from featkd.errors import FeatkdError, did_you_mean
-from featkd.layouts import split_point, to_map
 
 INPUT_SUFFIX = ":input"
 _ENTRY = re.compile(r"^(?P<module>.+)\[(?P<key>[^\[\]]+)\]$")  # "backbone.fpn[0]" -> ("backbone.fpn", "0")
@@ -404,7 +404,7 @@ class CapturingModel(nn.Module):
     Args:
         model: any ``nn.Module``; kept as ``self.model`` and never modified structurally.
         points: capture points (see the module docstring); may be empty. A point may end in a layout
-            suffix, ``:tokens``, ``:tokens=P`` or ``:nhwc`` (:mod:`featkd.layouts`): its tensor is then
+            suffix, ``:tokens``, ``:tokens=P`` or ``:nhwc`` (:mod:`featkd.capture.layouts`): its tensor is then
             returned as a (B, C, H, W) map.
         example_input: a batch (B >= 2) used once, in eval mode and without grad, to check the points
             and record their shapes in :attr:`shapes` (``{point: shape without the batch dim}``).
@@ -725,7 +725,7 @@ def preceding_batchnorm(model: nn.Module, point: str) -> nn.BatchNorm2d | None:
     first argument is searched first); for a BN module it is the module itself. ``None`` when the walk
     meets a convolution or linear layer, or the input, before any BatchNorm. In a model that does not trace
     as a whole, the walk stays inside the traced sub-module that holds ``point``. A layout suffix
-    (``:tokens``, :mod:`featkd.layouts`) is ignored.
+    (``:tokens``, :mod:`featkd.capture.layouts`) is ignored.
     """
     point = split_point(point)[0]
     modules = _module_names(model)

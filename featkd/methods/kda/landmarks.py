@@ -1,4 +1,4 @@
-"""Kernels, landmark statistics and k-means for :mod:`featkd.methods.kda` (and ``featkd kernel``).
+"""Kernels, landmark statistics and k-means for :mod:`featkd.methods.kda.distiller` (and ``featkd kernel``).
 
 Everything here is a pure function of tensors: no model, no data loader, no distributed state.
 Shapes: ``n`` examples, ``m`` landmarks, ``d`` feature width (each network has its own ``d``).

@@ -100,8 +100,8 @@ def _packages() -> Iterator[Line]:
 
 def _datasets() -> Iterator[Line]:
     from featkd.data import DATASETS
+    from featkd.data.bundle import FASHION_MNIST_DIR, IDX_FILES, MNIST_TARBALL
     from featkd.data.scenes import default_cache_root
-    from featkd.data.sources import FASHION_MNIST_DIR, IDX_FILES, MNIST_TARBALL
 
     for name in DATASETS.names():
         item = f"data {name}"
@@ -141,7 +141,7 @@ def _shipped() -> Iterator[Line]:
 
 
 def _zoo() -> Iterator[Line]:
-    from featkd.zoo import is_recipe, load_manifest, verify_entry, zoo_dirs
+    from featkd.models.zoo import is_recipe, load_manifest, verify_entry, zoo_dirs
 
     entries = load_manifest()
     if not entries:

@@ -59,12 +59,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from featkd.capture.capture import preceding_batchnorm
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import preceding_batchnorm
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
 from featkd.methods.common import check_spatial, resize_like, use_pairs
-from featkd.methods.mgd_matching import (
+from featkd.methods.mgd.matching import (
     Matching,
     StageStatistics,
     all_reduce_statistics,
@@ -445,7 +445,7 @@ class MatchingGuidedDistiller(Distiller):
         ctx.log(f"mgd: matching update {int(self.updates)} on {images} images in "
                 f"{self._last['mgd_update_s']:.2f}s (solve {solve_s:.3f}s): mean cost per stage {costs}{moved}")
         if self.cfg.plots and ctx.out_dir is not None:
-            from featkd.methods.mgd_report import write_report
+            from featkd.methods.mgd.report import write_report
 
             write_report(ctx.out_dir / "matching" / f"update-{int(self.updates)}", self, plots=True)
         return rows

@@ -52,7 +52,7 @@ from torch import Tensor
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
-from featkd.methods.kda_landmarks import (
+from featkd.methods.kda.landmarks import (
     EPS,
     accumulate,
     kernel,

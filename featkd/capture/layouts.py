@@ -2,7 +2,7 @@
 
 Feature methods (MGD, CWT, FitNets, AT, CWD, PKD...) work on (B, C, H, W) maps. A transformer block's output
 is a token sequence instead, and some CNN blocks keep their maps channels-last. A capture point names its
-layout with a suffix, so :class:`~featkd.features.CapturingModel` hands every method (B, C, H, W) and no
+layout with a suffix, so :class:`~featkd.capture.capture.CapturingModel` hands every method (B, C, H, W) and no
 method knows about tokens:
 
 ``"encoder.layers.encoder_layer_3:tokens"``

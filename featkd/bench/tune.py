@@ -1,6 +1,6 @@
 """``featkd bench PROTOCOL --tune``: every method's knobs swept on a validation split, the pick run on N seeds.
 
-A tuned protocol is an ordinary protocol (:mod:`featkd.bench`) with a validation split (``val_fraction:``, or
+A tuned protocol is an ordinary protocol (:mod:`featkd.bench.runner`) with a validation split (``val_fraction:``, or
 ``data.val_fraction`` in its base config) and a ``tune:`` section (:class:`featkd.bench.TuneSpec`)::
 
     val_fraction: 0.2
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featkd import bench
-from featkd.bench import Cell, Protocol
+from featkd.bench import runner as bench
+from featkd.bench.runner import Cell, Protocol
 from featkd.errors import FeatkdError
 
 

@@ -51,7 +51,7 @@ def demo_configs() -> dict[str, Path]:
 
 def obtain_teacher(work_dir: Path, log: Callable[[str], None]) -> str:
     """The teacher checkpoint: ``zoo:digits-resnet20`` if present, else one trained now into ``work_dir``."""
-    from featkd.zoo import resolve_weights
+    from featkd.models.zoo import resolve_weights
 
     try:
         resolve_weights("zoo:digits-resnet20")

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featkd.errors import FeatkdError
-from featkd.methods.mgd_matching import Matching
+from featkd.methods.mgd.matching import Matching
 
 if TYPE_CHECKING:
-    from featkd.methods.mgd import MatchingGuidedDistiller
+    from featkd.methods.mgd.distiller import MatchingGuidedDistiller
 
 
 def require_pyplot():  # -> the matplotlib.pyplot module

@@ -4,7 +4,7 @@ A *layer group* (DFA's term) is a run of consecutive blocks whose outputs share 
 ``BasicBlock`` outputs ``layer2.0 .. layer2.2`` of a CIFAR ResNet-20 stage. They are found without any
 per-model code:
 
-1. The model is traced with :func:`featkd.features.trace` and the *cut nodes* of its graph are computed:
+1. The model is traced with :func:`featkd.capture.capture.trace` and the *cut nodes* of its graph are computed:
    tensors that every path from the input to the output passes through (no skip connection jumps over
    them). Block boundaries are cut nodes; the inside of a residual block is not.
 2. A *segment* is a submodule with children whose input and output are both cut nodes (a self-contained
@@ -32,8 +32,8 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from featkd.capture.capture import INPUT_SUFFIX, CapturingModel, TracedModel, trace
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import INPUT_SUFFIX, CapturingModel, TracedModel, trace
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ alternating first-order updates on two disjoint, seeded parts of the TRAINING sp
 The bridge loss of group i is ``gamma_ts * L_TS + gamma_st * L_ST``:
 
 * L_TS (teacher -> student, expressivity): ``A_i`` -> 1x1 conv (C_t -> C_s) -> injected as the input of
-  the student's group i+1 (:class:`featkd.graph_tail.GraphTail` from the student's group-i output); the
+  the student's group i+1 (:class:`featkd.capture.graph_tail.GraphTail` from the student's group-i output); the
   rest of the student runs; cross-entropy with the label. For the last group this is the student's
   pooling and classifier (spec: *unverified*).
 * L_ST (student -> teacher, learnability): the student's group-i output -> 1x1 conv (C_s -> C_t) ->
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featkd.capture.capture import CapturingModel
+from featkd.capture.graph_tail import GraphTail
 from featkd.errors import ConfigError, FeatkdError
-from featkd.features import CapturingModel
-from featkd.graph_tail import GraphTail
 from featkd.methods.common import conv1x1_connector, resize_like
 
 ALPHA_FORMAT = "featkd-dfa-alpha"

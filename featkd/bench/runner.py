@@ -27,7 +27,7 @@ protocol's ``paired:`` says otherwise), with the wins / losses over those seeds.
 
 ``val_fraction: F`` in a protocol sets ``data.val_fraction`` in every cell (a seeded, class-stratified hold-out
 of the training split, the same for every method and seed: :mod:`featkd.data.splits`). A ``tune:`` section
-makes the protocol a tuned one, run with ``featkd bench PROTOCOL --tune`` (:mod:`featkd.bench_tune`).
+makes the protocol a tuned one, run with ``featkd bench PROTOCOL --tune`` (:mod:`featkd.bench.tune`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Protocol:
     base: str | None = None
     val_fraction: float | None = None  # data.val_fraction of every cell (a validation split: the same for all)
     paired: list[str] | None = None  # rows the paired per-seed differences are taken against (default below)
-    tune: TuneSpec | None = None  # a tuned protocol (featkd bench --tune; featkd.bench_tune)
+    tune: TuneSpec | None = None  # a tuned protocol (featkd bench --tune; featkd.bench.tune)
 
     def paired_baselines(self) -> list[str]:
         """The rows of the paired columns: ``paired:``, else the reference and ``kd`` (when it is a row)."""
@@ -85,7 +85,7 @@ def fixed_by_protocol(key: str) -> bool:
 
 @dataclass
 class TuneSpec:
-    """A protocol's ``tune:`` section (see :mod:`featkd.bench_tune` and benchmarks/README.md).
+    """A protocol's ``tune:`` section (see :mod:`featkd.bench.tune` and benchmarks/README.md).
 
     ``grid``: method label -> its trials, either ``{key: [values, ...], ...}`` (every combination, the last
     key varying fastest) or a list of ``{key: value, ...}`` (one trial each); keys are config paths
@@ -449,9 +449,9 @@ def step_time_ratios(protocol: Protocol, labels: Sequence[str], runs_dir: Path, 
                      calls: int = 5, settings: dict[str, Sequence[str]] | None = None) -> dict[str, float]:
     """Training-step time of each row's config / the timing reference's, measured side by side
     (``settings``: a row's --set items, e.g. its selected trial's)."""
+    from featkd.bench.timing import ratios, time_interleaved, trainer_step
     from featkd.config import apply_overrides, build_config, load_raw
     from featkd.engine.trainer import Trainer
-    from featkd.timing import ratios, time_interleaved, trainer_step
 
     wanted = list(dict.fromkeys([protocol.timing_reference, *labels]))
     steps = {}

@@ -1,6 +1,6 @@
 """Matching statistics and channel assignment of Matching Guided Distillation (Yue et al., ECCV 2020).
 
-Pure functions (no model, no training state), used by :mod:`featkd.methods.mgd` and ``featkd match``.
+Pure functions (no model, no training state), used by :mod:`featkd.methods.mgd.distiller` and ``featkd match``.
 
 Statistics
     :func:`cost_sums` turns one batch of student features (B, sc, H, W) and teacher features (B, tc, H, W)

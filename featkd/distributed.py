@@ -1,16 +1,62 @@
-"""Process-group set-up for runs launched with ``torchrun`` (or a single plain process)."""
+"""Where a process sits in a run (:class:`DistInfo`), and the process group of runs launched with ``torchrun``.
+
+A low module: it imports only torch and :mod:`featkd.errors`, so every layer may use it."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from featkd.errors import FeatkdError
-from featkd.methods.base import DistInfo
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    process_group: bool = False  # joined a torch.distributed group (under torchrun, even with one process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Collectives and DDP are in use: several processes, or one process launched by torchrun."""
+        return self.process_group or self.world_size > 1
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over all ranks, in place (no-op in a single process). Every rank must call it."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank order; the
+        tensor itself in a single process. Every rank must call it."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
+        if self.enabled:
+            torch.distributed.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
 
 
 def launched_by_torchrun() -> bool:
@@ -54,6 +100,15 @@ def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, process_group=True), device
+
+
+def process_group_info() -> DistInfo:
+    """This process's place in the torch.distributed group it joined (one process when there is none)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return DistInfo()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, process_group=True)
 
 
 def shutdown_distributed() -> None:

@@ -1,0 +1,1 @@
+"""`featkd bench`: protocols, the resumable grid of runs, validation tuning, statistics, tables, step timing."""

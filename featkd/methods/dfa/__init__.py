@@ -1,0 +1,1 @@
+"""DFA: the distiller (distiller.py) and the bridge-loss search of the aggregation weights (search.py)."""

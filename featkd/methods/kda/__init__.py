@@ -1,0 +1,1 @@
+"""KDA: the distiller (distiller.py); kernels, landmark strategies and k-means (landmarks.py)."""
