@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from featkd.bench.runner import METRIC_LABELS, format_mean_se, format_paired
+from featkd.bench.report import METRIC_LABELS, format_mean_se, format_paired
 from featkd.bench.tune import setting_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -158,7 +158,7 @@ def _write(path: Path, text: str) -> str:
 
 def test_tuned_protocol_errors(tmp_path, capsys):
     from featkd.bench import tune as bench_tune
-    from featkd.bench.runner import load_protocol
+    from featkd.bench.protocol import check_tune, load_protocol
     from featkd.cli import main
     from featkd.errors import FeatkdError
 
@@ -180,7 +180,7 @@ def test_tuned_protocol_errors(tmp_path, capsys):
     # every combination, the last key fastest; knob-less methods have 1 trial
     ok = load_protocol(_write(tmp_path / "ok.yaml", head + "tune: {grid: {none: {}, fitnets: {method.weight: [1, 2, "
                               "3, 4]}, kd: {method.kd_temperature: [2, 4], method.kd_weight: [0.5, 2]}}}\n"))
-    assert bench_tune.bench.check_tune(ok)["kd"] == [
+    assert check_tune(ok)["kd"] == [
         {"method.kd_temperature": 2, "method.kd_weight": 0.5}, {"method.kd_temperature": 2, "method.kd_weight": 2},
         {"method.kd_temperature": 4, "method.kd_weight": 0.5}, {"method.kd_temperature": 4, "method.kd_weight": 2}]
     assert bench_tune.report_seeds(ok, 3) == [0, 1, 2]  # tuning seed 100 by default
@@ -205,7 +205,7 @@ def test_tuned_protocol_errors(tmp_path, capsys):
 
 
 def test_paired_delta_by_hand():
-    from featkd.bench.runner import paired_delta
+    from featkd.bench.stats import paired_delta
 
     d = paired_delta({0: 85.0, 1: 86.0, 2: 84.0, 3: 90.0}, {0: 84.0, 1: 86.5, 2: 82.0})  # seed 3: no partner
     assert d["seeds"] == [0, 1, 2] and d["n"] == 3 and (d["wins"], d["losses"]) == (2, 1)
@@ -241,7 +241,7 @@ def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
     """Each trial's config (the method's file with the protocol's and the trial's --set items) validates, every
     method with knobs has the same number of trials, and the validation split is set."""
     from featkd.bench import tune as bench_tune
-    from featkd.bench.runner import load_protocol, tuned_protocols
+    from featkd.bench.protocol import load_protocol, tuned_protocols
 
     assert name in tuned_protocols()
     protocol = load_protocol(name)
@@ -252,7 +252,7 @@ def test_every_shipped_tuned_protocol_builds_its_trials(name, tmp_path):
 
 def test_a_method_that_cannot_be_timed_leaves_the_tables_to_be_written(monkeypatch, capsys):
     """The step-time measurement comes after every run: its failure is reported (exit 1), not a lost table."""
-    from featkd.bench import runner as bench
+    from featkd.bench import runner
     from featkd.commands.bench import add_step_ratios
     from featkd.errors import FeatkdError
 
@@ -261,11 +261,11 @@ def test_a_method_that_cannot_be_timed_leaves_the_tables_to_be_written(monkeypat
     def broken(*_a, **_k):
         raise FeatkdError("method 'x' needs something the timer lacks")
 
-    monkeypatch.setattr(bench, "step_time_ratios", broken)
+    monkeypatch.setattr(runner, "step_time_ratios", broken)
     assert add_step_ratios(None, rows, Path(".")) == [("step-time measurement",
                                                       "method 'x' needs something the timer lacks")]
     assert all("step_time_ratio" not in r for r in rows)
-    monkeypatch.setattr(bench, "step_time_ratios", lambda *_a, **_k: {"none": 0.5, "kd": 1.0})
+    monkeypatch.setattr(runner, "step_time_ratios", lambda *_a, **_k: {"none": 0.5, "kd": 1.0})
     assert add_step_ratios(None, rows, Path("."), settings={"kd": []}) == []
     assert [r["step_time_ratio"] for r in rows] == [0.5, 1.0]
     assert "(the selected settings)" in capsys.readouterr().out

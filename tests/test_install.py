@@ -21,7 +21,7 @@ import pytest
 
 import featkd
 from featkd import resources
-from featkd.bench.runner import load_protocol
+from featkd.bench.protocol import load_protocol
 from featkd.cli import main
 from featkd.config import load_raw
 

@@ -1,7 +1,7 @@
 """``featkd bench PROTOCOL --tune``: every method's knobs swept on a validation split, the pick run on N seeds.
 
-A tuned protocol is an ordinary protocol (:mod:`featkd.bench.runner`) with a validation split (``val_fraction:``, or
-``data.val_fraction`` in its base config) and a ``tune:`` section (:class:`featkd.bench.TuneSpec`)::
+A tuned protocol is an ordinary protocol (:mod:`featkd.bench.protocol`) with a validation split (``val_fraction:``, or
+``data.val_fraction`` in its base config) and a ``tune:`` section (:class:`featkd.bench.protocol.TuneSpec`)::
 
     val_fraction: 0.2
     seeds: 3                    # report seeds 0..2
@@ -14,7 +14,7 @@ A tuned protocol is an ordinary protocol (:mod:`featkd.bench.runner`) with a val
         fitnets: [{method.weight: 1}, {method.weight: 3}, {method.weight: 10}, {method.weight: 30}]
 
 Every method with knobs has the same number of trials (checked when the protocol is loaded). Two phases, each
-a resumable grid of ordinary ``featkd train`` processes (:func:`featkd.bench.run_grid`: a finished cell is
+a resumable grid of ordinary ``featkd train`` processes (:func:`featkd.bench.runner.run_grid`: a finished cell is
 not run again):
 
 1. tuning: each trial on the tuning seed, in ``RUNS/<method>/trial<i>``;
@@ -27,7 +27,7 @@ its trials have finished. The test split is never read for the selection: test v
 runs only. Same seed, same data: a trial or seed changes only the student's init and data order (the subset
 and validation split follow ``data.subset_seed``, which no trial may change).
 
-Results: ``RESULTS/<protocol>.json`` (:func:`summarise`: the plain rows of :func:`featkd.bench.summarise` over
+Results: ``RESULTS/<protocol>.json`` (:func:`summarise`: the plain rows of :func:`featkd.bench.stats.summarise` over
 the report runs, plus ``trials``, ``selected_trial``, ``selected_setting``, ``selection_val``; the top level
 holds the rule, the seeds and the cost) and a Markdown table (:func:`markdown`).
 """
@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featkd.bench import runner as bench
-from featkd.bench.runner import Cell, Protocol
+from featkd.bench import stats
+from featkd.bench.protocol import Protocol, check_tune, trial_overrides
+from featkd.bench.report import METRIC_LABELS, PAIRED_HEAD, format_mean_se, format_paired, paired_columns
+from featkd.bench.runner import Cell, cell_config, check_cells, run_grid
 from featkd.errors import FeatkdError
 
 
@@ -67,14 +69,14 @@ def report_seeds(protocol: Protocol, n: int) -> list[int]:
 def tuning_cells(protocol: Protocol, labels: Sequence[str], runs_dir: Path) -> dict[str, list[Cell]]:
     """Each method's trials on the tuning seed, validated (configs built) before anything trains."""
     assert protocol.tune is not None
-    trials = bench.check_tune(protocol)
+    trials = check_tune(protocol)
     cells = {}
     for label in labels:
-        config = bench.cell_config(protocol, label, runs_dir)
+        config = cell_config(protocol, label, runs_dir)
         cells[label] = [Cell(label, config, protocol.tune.seed, runs_dir / label / f"trial{i}",
-                             (*protocol.overrides(), *bench.trial_overrides(setting)), trial=i)
+                             (*protocol.overrides(), *trial_overrides(setting)), trial=i)
                         for i, setting in enumerate(trials[label])]
-        bench.check_cells(cells[label])
+        check_cells(cells[label])
         require_val(protocol, cells[label][0])
     return cells
 
@@ -108,7 +110,7 @@ def select(protocol: Protocol, cells: list[Cell]) -> Selection | None:
     diverged), or when every trial diverged."""
     if not all(c.finished() or diverged(c) for c in cells):
         return None
-    settings = bench.check_tune(protocol)[cells[0].label]
+    settings = check_tune(protocol)[cells[0].label]
     records, best = [], None
     for c in cells:
         summary = json.loads(c.summary_path.read_text())
@@ -118,7 +120,7 @@ def select(protocol: Protocol, cells: list[Cell]) -> Selection | None:
         records.append(record)
         if diverged(c):
             continue
-        val = bench.final_val(c, summary)  # the final epoch's validation value: no test number is read here
+        val = stats.final_val(c, summary)  # the final epoch's validation value: no test number is read here
         if val is None:
             raise FeatkdError(f"{c.out}: no val_{metric} at its final epoch (was it trained without a validation "
                               "split?)")
@@ -159,7 +161,7 @@ def run(protocol: Protocol, labels: Sequence[str], seeds: int, runs_dir: Path, j
     if train:
         log(f"tuning: {sum(map(len, trials.values()))} trial runs on seed {protocol.tune.seed}")
         todo = [c for label in labels for c in trials[label] if not diverged(c)]
-        outcomes += bench.run_grid(todo, jobs, extra, log)
+        outcomes += run_grid(todo, jobs, extra, log)
     selections = {label: select(protocol, trials[label]) for label in labels}
     report = {}
     for label, sel in selections.items():
@@ -174,7 +176,7 @@ def run(protocol: Protocol, labels: Sequence[str], seeds: int, runs_dir: Path, j
         report[label] = report_cells(trials[label], sel, report_at, runs_dir)
     if train:
         log(f"report: the selected settings on seeds {', '.join(map(str, report_at))}")
-        outcomes += bench.run_grid([c for cells in report.values() for c in cells], jobs, extra, log)
+        outcomes += run_grid([c for cells in report.values() for c in cells], jobs, extra, log)
     return TunedRun(trials, selections, report, outcomes)
 
 
@@ -194,8 +196,8 @@ def cost(tuned: TunedRun) -> dict[str, Any]:
 
 
 def summarise(protocol: Protocol, tuned: TunedRun) -> list[dict[str, Any]]:
-    """:func:`featkd.bench.summarise` over the report runs, each row with its trials and selection."""
-    rows = bench.summarise(protocol, tuned.report_cells())
+    """:func:`featkd.bench.stats.summarise` over the report runs, each row with its trials and selection."""
+    rows = stats.summarise(protocol, tuned.report_cells())
     for row in rows:
         sel = tuned.selections[row["method"]]
         assert sel is not None
@@ -211,10 +213,10 @@ def setting_text(setting: dict[str, Any]) -> str:
 def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The tuned table: selection, val and test per method, unpaired and paired deltas; then every trial."""
     metric = rows[0]["metric"] if rows else "acc"
-    paired = bench.paired_columns(protocol, rows)
+    paired = paired_columns(protocol, rows)
     head = ["method", "trials", "selected", f"val {metric} at selection", "seeds", f"val {metric} (mean ± s.e.)",
-            f"{bench.METRIC_LABELS.get(metric, metric)} (mean ± s.e.)", f"Δ vs {protocol.reference} (± s.e.)",
-            *(bench.PAIRED_HEAD.format(b) for b in paired), "train time / run",
+            f"{METRIC_LABELS.get(metric, metric)} (mean ± s.e.)", f"Δ vs {protocol.reference} (± s.e.)",
+            *(PAIRED_HEAD.format(b) for b in paired), "train time / run",
             f"step time / {protocol.timing_reference}"]
     c = meta["cost"]
     lines = [f"## {protocol.name} (tuned)", "", protocol.description.strip(), "",
@@ -225,10 +227,10 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
     for r in rows:
         ratio = r.get("step_time_ratio")
         cells = [r["method"], str(len(r["trials"])), setting_text(r["selected_setting"]), f"{r['selection_val']:.2f}",
-                 str(r["seeds"]), bench.format_mean_se(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se")),
-                 bench.format_mean_se(r[f"{metric}_mean"], r[f"{metric}_se"]),
-                 bench.format_mean_se(r["delta_vs_ce"], r["delta_se"], sign=True),
-                 *(bench.format_paired(r["paired"].get(b)) for b in paired),
+                 str(r["seeds"]), format_mean_se(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se")),
+                 format_mean_se(r[f"{metric}_mean"], r[f"{metric}_se"]),
+                 format_mean_se(r["delta_vs_ce"], r["delta_se"], sign=True),
+                 *(format_paired(r["paired"].get(b)) for b in paired),
                  f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     width = max((len(r["trials"]) for r in rows), default=0)
@@ -273,7 +275,7 @@ def estimate(protocol: Protocol, labels: Sequence[str], seeds: int, reference: s
         raise FeatkdError(f"{reference}: no row {protocol.timing_reference!r} (the protocol's timing reference)")
     per_method = {}
     if protocol.tune is not None:
-        counts = {label: len(bench.check_tune(protocol)[label]) + seeds - int(protocol.tune.reuse_seed)
+        counts = {label: len(check_tune(protocol)[label]) + seeds - int(protocol.tune.reuse_seed)
                   for label in labels}
     else:
         counts = {label: seeds for label in labels}

@@ -41,17 +41,18 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import time
 
-    from featkd.bench import runner as bench
+    from featkd.bench import report, runner, stats
+    from featkd.bench.protocol import load_protocol, tuned_protocols
     from featkd.bench.timing import environment
     from featkd.errors import FeatkdError
 
-    protocol = bench.load_protocol(args.protocol)
+    protocol = load_protocol(args.protocol)
     seeds = args.seeds or protocol.seeds
     if seeds < 1 or args.jobs < 1:
         raise FeatkdError("--seeds and --jobs must be at least 1")
     if args.tune and protocol.tune is None:
         raise FeatkdError(f"protocol {protocol.name} has no tune: section to run with --tune (tuned protocols: "
-                          f"{', '.join(bench.tuned_protocols()) or 'none'})")
+                          f"{', '.join(tuned_protocols()) or 'none'})")
     if protocol.tune is not None and not args.tune:
         raise FeatkdError(f"protocol {protocol.name} is a tuned protocol (it has a tune: section): run it with --tune")
     runs_dir = Path(args.runs_dir or f"runs/bench/{protocol.name}")
@@ -59,26 +60,26 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate:
         from featkd.bench import tune as bench_tune
 
-        labels = bench.select_labels(protocol, args.methods)
+        labels = runner.select_labels(protocol, args.methods)
         estimate = bench_tune.estimate(protocol, labels, seeds, args.estimate, args.overrides)
         print(bench_tune.estimate_text(estimate, args.jobs))
         return 0
     if args.tune:
         return run_tuned(args, protocol, seeds, runs_dir, extra)
-    cells = bench.grid(protocol, args.methods, seeds, runs_dir)
+    cells = runner.grid(protocol, args.methods, seeds, runs_dir)
     t0 = time.perf_counter()
-    outcomes = [] if args.report else bench.run_grid(cells, args.jobs, extra)
+    outcomes = [] if args.report else runner.run_grid(cells, args.jobs, extra)
     failed = [(c, msg) for c, code, msg in outcomes if code != 0]
-    rows = bench.summarise(protocol, cells)
+    rows = stats.summarise(protocol, cells)
     if not rows:
         raise FeatkdError(f"no finished runs in {runs_dir}")
     timing_failed = [] if args.no_timing else add_step_ratios(protocol, rows, runs_dir)
     meta = {"protocol": protocol.name, "command": "featkd bench " + " ".join(map(shlex.quote, sys.argv[2:])),
             "runs_dir": str(runs_dir), "wall_seconds": time.perf_counter() - t0, "environment": environment()}
     out = Path(args.results_dir)
-    table = bench.markdown(protocol, rows, meta)
+    table = report.markdown(protocol, rows, meta)
     written = write_results(out, protocol.name, {**meta, "rows": rows}, table)
-    written += bench.plot(protocol, rows, cells, out / protocol.name)
+    written += report.plot(protocol, rows, cells, out / protocol.name)
     print(table)
     return report_end(written, [(f"{cell.label} seed {cell.seed}", msg) for cell, msg in failed] + timing_failed)
 
@@ -87,12 +88,12 @@ def add_step_ratios(protocol, rows: list[dict[str, Any]], runs_dir: Path,
                     settings: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
     """Each row's ``step_time_ratio``, measured side by side; a method that cannot be timed leaves every ratio
     None and is reported (the results tables are still written: the runs are what they measure)."""
-    from featkd.bench import runner as bench
+    from featkd.bench import runner
     from featkd.errors import FeatkdError
 
     print("measuring step times side by side" + (" (the selected settings)" if settings else "") + " ...")
     try:
-        ratios = bench.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir, settings=settings)
+        ratios = runner.step_time_ratios(protocol, [r["method"] for r in rows], runs_dir, settings=settings)
     except FeatkdError as exc:
         return [("step-time measurement", str(exc))]
     for r in rows:
@@ -122,20 +123,21 @@ def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: l
     import shlex
     import time
 
-    from featkd.bench import runner as bench
+    from featkd.bench import report, runner
     from featkd.bench import tune as bench_tune
+    from featkd.bench.protocol import trial_overrides
     from featkd.bench.timing import environment
     from featkd.errors import FeatkdError
 
     t0 = time.perf_counter()
-    labels = bench.select_labels(protocol, args.methods)
+    labels = runner.select_labels(protocol, args.methods)
     tuned = bench_tune.run(protocol, labels, seeds, runs_dir, args.jobs, extra, train=not args.report)
     failed = [(c, msg) for c, code, msg in tuned.outcomes  # a diverged trial is its setting's outcome, recorded
               if code != 0 and not (c.trial is not None and bench_tune.diverged(c))]
     rows = bench_tune.summarise(protocol, tuned)
     if not rows:
         raise FeatkdError(f"no method of {protocol.name} has finished report runs in {runs_dir}")
-    settings = {r["method"]: bench.trial_overrides(r["selected_setting"]) for r in rows}
+    settings = {r["method"]: trial_overrides(r["selected_setting"]) for r in rows}
     timing_failed = [] if args.no_timing else add_step_ratios(protocol, rows, runs_dir, settings)
     cost = {**bench_tune.cost(tuned), "wall_seconds": time.perf_counter() - t0, "jobs": args.jobs}
     first = next(iter(tuned.trials.values()))[0]
@@ -149,7 +151,7 @@ def run_tuned(args: argparse.Namespace, protocol, seeds: int, runs_dir, extra: l
     out = Path(args.results_dir)
     table = bench_tune.markdown(protocol, rows, meta)
     written = write_results(out, protocol.name, {**meta, "rows": rows}, table)
-    written += bench.plot(protocol, rows, tuned.report_cells(), out / protocol.name)
+    written += report.plot(protocol, rows, tuned.report_cells(), out / protocol.name)
     print(table)
     print(f"tuned protocol cost: {cost['cells']} runs ({cost['tuning_cells']} tuning, {cost['report_cells']} "
           f"report), sum of run times {cost['cell_seconds']:.0f} s ({cost['cell_seconds'] / 3600:.2f} CPU-core h "

@@ -1,0 +1,205 @@
+"""The benchmark protocol format behind ``featkd bench PROTOCOL``: which method configs run on how many seeds.
+
+A protocol is a YAML file in ``benchmarks/protocols/`` (shipped in the wheel: :mod:`featkd.resources`; see
+``benchmarks/README.md``)::
+
+    name: data-limited
+    description: ...
+    seeds: 3
+    reference: none            # the row every delta is measured against (no distillation)
+    timing_reference: kd       # step-time ratios are taken against this row (Hinton KD)
+    methods:                   # row label -> experiment config (configs/...: the shipped example configs)
+      none: configs/fashion-mnist-none-resnet8.yaml
+      kd: configs/fashion-mnist-kd-resnet20-resnet8.yaml
+
+``val_fraction: F`` in a protocol sets ``data.val_fraction`` in every cell (a seeded, class-stratified hold-out
+of the training split, the same for every method and seed: :mod:`featkd.data.splits`). ``paired:`` names the
+rows of the paired per-seed columns (:mod:`featkd.bench.stats`). A ``tune:`` section (:class:`TuneSpec`) makes
+the protocol a tuned one, run with ``featkd bench PROTOCOL --tune`` (:mod:`featkd.bench.tune`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featkd import resources
+from featkd.errors import FeatkdError, did_you_mean
+
+
+@dataclass
+class Protocol:
+    name: str
+    methods: dict[str, str]
+    seeds: int = 3
+    reference: str = "none"
+    timing_reference: str = "kd"
+    description: str = ""
+    epoch_marks: list[int] = field(default_factory=list)  # also report test accuracy after these epochs
+    # If set, every row keeps only the `method` section of its config and takes everything else (data,
+    # teacher, student, optim, train) from this file: one set of method configs serves every protocol.
+    base: str | None = None
+    val_fraction: float | None = None  # data.val_fraction of every cell (a validation split: the same for all)
+    paired: list[str] | None = None  # rows the paired per-seed differences are taken against (default below)
+    tune: TuneSpec | None = None  # a tuned protocol (featkd bench --tune; featkd.bench.tune)
+
+    def paired_baselines(self) -> list[str]:
+        """The rows of the paired columns: ``paired:``, else the reference and ``kd`` (when it is a row)."""
+        if self.paired is not None:
+            return list(self.paired)
+        return list(dict.fromkeys([self.reference, *(["kd"] if "kd" in self.methods else [])]))
+
+    def overrides(self) -> list[str]:
+        """``--set`` items every cell of the protocol gets (after the user's own ``--set``, so they win)."""
+        return [] if self.val_fraction is None else [f"data.val_fraction={self.val_fraction!r}"]
+
+
+def fixed_by_protocol(key: str) -> bool:
+    """Config keys a trial may not set: the data (subset, validation split) and the seed are the protocol's,
+    the same for every method."""
+    return key.startswith("data.") or key == "train.seed"
+
+
+@dataclass
+class TuneSpec:
+    """A protocol's ``tune:`` section (see :mod:`featkd.bench.tune` and benchmarks/README.md).
+
+    ``grid``: method label -> its trials, either ``{key: [values, ...], ...}`` (every combination, the last
+    key varying fastest) or a list of ``{key: value, ...}`` (one trial each); keys are config paths
+    (``method.kd_weight``). ``{}`` (or no knobs at all): one trial, the config as it is. Every method with knobs
+    must have the same number of trials.
+    """
+
+    grid: dict[str, Any]
+    seed: int = 100  # the tuning seed: every trial trains with it
+    # False: report seeds are 0..N-1 and must not include the tuning seed (selection and report use different
+    # inits and data orders). True: the tuning seed must be one of 0..N-1, and the selected trial's run is that
+    # seed's report run (one run fewer per method, but one reported seed is the one the setting was picked on).
+    reuse_seed: bool = False
+
+    def validate(self, path: str) -> None:
+        if self.seed < 0:
+            raise FeatkdError(f"{path}.seed: expected a seed >= 0, got {self.seed}")
+
+
+def trial_settings(entry: Any, where: str) -> list[dict[str, Any]]:
+    """The trials of one ``tune.grid`` entry (see :class:`TuneSpec`): a list of {config key: value}."""
+    if entry is None or entry == {} or entry == []:
+        return [{}]
+    if isinstance(entry, dict):
+        for key, values in entry.items():
+            if not isinstance(values, list) or not values:
+                raise FeatkdError(f"{where}.{key}: expected a non-empty list of values, got {values!r}")
+        keys = list(entry)
+        trials = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*entry.values())]
+    elif isinstance(entry, list) and all(isinstance(t, dict) for t in entry):
+        trials = [dict(t) for t in entry]
+    else:
+        raise FeatkdError(f"{where}: expected {{key: [values]}} or a list of {{key: value}}, got {entry!r}")
+    for i, trial in enumerate(trials):
+        for key in trial:
+            if not isinstance(key, str) or not key or key.startswith(".") or key.endswith("."):
+                raise FeatkdError(f"{where}: {key!r} is not a config key (e.g. method.kd_weight)")
+            if fixed_by_protocol(key):
+                raise FeatkdError(f"{where}: {key} cannot be tuned (the data and the seed are the protocol's, "
+                                  "the same for every method)")
+        if trial in trials[:i]:
+            raise FeatkdError(f"{where}: trial {i} repeats trial {trials.index(trial)} ({trial})")
+    return trials
+
+
+def trial_overrides(setting: dict[str, Any]) -> list[str]:
+    """A trial's setting as ``--set`` items (values as JSON, which ``--set`` reads back as YAML: "1e4" stays a
+    string, 1e4 a number)."""
+    return [f"{key}={json.dumps(value)}" for key, value in setting.items()]
+
+
+def check_tune(protocol: Protocol) -> dict[str, list[dict[str, Any]]]:
+    """Every method's trials, after checking the ``tune:`` section against the methods (one-line errors)."""
+    assert protocol.tune is not None
+    where = f"protocol {protocol.name}: tune.grid"
+    grid = protocol.tune.grid
+    for label in protocol.methods:
+        if label not in grid:
+            raise FeatkdError(f"{where}: no entry for method {label!r} (give `{label}: {{}}` if it has no knobs)")
+    for label in grid:
+        if label not in protocol.methods:
+            raise FeatkdError(f"{where}.{label}: not one of the protocol's methods"
+                              f"{did_you_mean(label, protocol.methods)}")
+    trials = {label: trial_settings(grid[label], f"{where}.{label}") for label in protocol.methods}
+    sized = {label: len(t) for label, t in trials.items() if t != [{}]}
+    if len(set(sized.values())) > 1:
+        first = next(iter(sized))
+        other = next(label for label, n in sized.items() if n != sized[first])
+        raise FeatkdError(f"{where}: {other} has {sized[other]} trials, {first} has {sized[first]}: every method "
+                          "with knobs needs the same number (one without knobs has 1)")
+    return trials
+
+
+def protocols_dir() -> Path:
+    """$FEATKD_PROTOCOLS, else the shipped protocols (the repository's benchmarks/protocols/ in a clone)."""
+    return resources.protocols_dir()
+
+
+def tuned_protocols() -> list[str]:
+    """The shipped protocols that have a ``tune:`` section."""
+    from featkd.config import read_yaml
+
+    return sorted(p.stem for p in protocols_dir().glob("*.yaml") if "tune" in read_yaml(p))
+
+
+def protocol_file(ref: str, shipped: bool) -> Path | None:
+    """The resolved config file a protocol names, or None if there is none.
+
+    Paths are relative to featkd's shipped data (``configs/NAME.yaml``: the example configs, from a clone or
+    an installed wheel alike); a protocol given as a file (``shipped`` False) may also name files relative to
+    the current folder, which are looked for first.
+    """
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = ([] if shipped else [Path.cwd() / path]) + [resources.data_root() / path]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    """A protocol by name (``benchmarks/protocols/<name>.yaml``) or path, with its config files resolved."""
+    from featkd.config import from_dict, read_yaml
+
+    path = Path(name_or_path)
+    shipped = not path.suffix
+    if shipped:
+        folder = protocols_dir()
+        path = folder / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in folder.glob("*.yaml"))
+            raise FeatkdError(f"unknown protocol {name_or_path!r}{did_you_mean(name_or_path, known)}; "
+                              f"available: {', '.join(known) or 'none'} (in {folder})")
+    protocol = from_dict(Protocol, read_yaml(path), "protocol")
+    if protocol.tune is not None:
+        check_tune(protocol)  # the grid first: a wrong trial count is an error even before the configs exist
+    if protocol.val_fraction is not None and not 0.0 < protocol.val_fraction < 1.0:
+        raise FeatkdError(f"protocol {protocol.name}: val_fraction: expected a number in (0, 1), "
+                          f"got {protocol.val_fraction}")
+    for label in protocol.paired or []:
+        if label not in protocol.methods:
+            raise FeatkdError(f"protocol {protocol.name}: paired: {label!r} is not one of its methods"
+                              f"{did_you_mean(label, protocol.methods)}")
+    where = "in featkd's shipped data" if shipped else "in the current folder or featkd's shipped data"
+    if protocol.base:
+        base = protocol_file(protocol.base, shipped)
+        if base is None:
+            raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found ({where})")
+        protocol.base = str(base)
+    for label, cfg in protocol.methods.items():
+        found = protocol_file(cfg, shipped)
+        if found is None:
+            raise FeatkdError(f"protocol {protocol.name}: methods.{label}: config {cfg} not found ({where})")
+        protocol.methods[label] = str(found)
+    if protocol.reference not in protocol.methods:
+        raise FeatkdError(f"protocol {protocol.name}: reference {protocol.reference!r} is not one of its methods")
+    return protocol
