@@ -17,8 +17,9 @@ from torch.utils.data import DistributedSampler
 
 from featkd.data import DATASETS, DataConfig, Loader, build_data, read_idx, stratified_counts, write_idx
 from featkd.data.augment import AugmentSpec, crop_flip, draw_params
-from featkd.data.bundle import DIGITS_MEAN, DIGITS_STD, split_train
+from featkd.data.classification import DIGITS_MEAN, DIGITS_STD
 from featkd.data.loaders import train_shard_indices
+from featkd.data.splits import split_train
 from featkd.errors import DataError, FeatkdError
 
 

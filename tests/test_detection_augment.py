@@ -8,8 +8,8 @@ import torch
 
 from featkd.data import DataConfig, build_data
 from featkd.data.augment import AugmentSpec
+from featkd.data.config import ScenesConfig
 from featkd.data.detection import DetectionSplit, DetectionTrainLoader, draw_jitter, scale_jitter
-from featkd.data.scenes import ScenesConfig
 from featkd.errors import ConfigError
 
 H, W = 64, 80  # not square: the two axes scale by different exact factors round(H s) / H, round(W s) / W

@@ -13,7 +13,7 @@ import torch
 from featkd.capture.capture import CapturingModel, list_capture_points
 from featkd.config import load_config
 from featkd.data import DataConfig, build_data
-from featkd.data.scenes import ScenesConfig
+from featkd.data.config import ScenesConfig
 from featkd.errors import FeatkdError
 from featkd.methods.common import expand_entry_pairs
 from featkd.models import DETECTION_MODELS, create_model, model_options

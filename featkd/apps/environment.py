@@ -100,7 +100,7 @@ def _packages() -> Iterator[Line]:
 
 def _datasets() -> Iterator[Line]:
     from featkd.data import DATASETS
-    from featkd.data.bundle import FASHION_MNIST_DIR, IDX_FILES, MNIST_TARBALL
+    from featkd.data.classification import FASHION_MNIST_DIR, IDX_FILES, MNIST_TARBALL
     from featkd.data.scenes import default_cache_root
 
     for name in DATASETS.names():

@@ -1,17 +1,20 @@
 """Data sets and loaders: ``build_data(DataConfig(...))`` -> :class:`DataBundle` -> :class:`Loader` objects.
 
-See :mod:`featkd.data.bundle` for the classification data sets, :mod:`featkd.data.seg_datasets` for the
-segmentation ones (and :mod:`featkd.data.scenes` for the generated scenes), :mod:`featkd.data.splits` for
-the split rules, :mod:`featkd.data.loaders` for the sharding semantics and :mod:`featkd.data.augment` for
-the augmentation.
+Modules, lowest first: :mod:`featkd.data.config` (the ``data:`` section, ``DATASETS``), :mod:`featkd.data.bundle`
+(the source types, :class:`DataBundle`, :func:`build_data`), the registered sets of
+:mod:`featkd.data.classification`, :mod:`featkd.data.seg_datasets` (built by :mod:`featkd.data.segmentation`;
+:mod:`featkd.data.scenes` generates the scenes) and :mod:`featkd.data.det_datasets` (built by
+:mod:`featkd.data.detection`); :mod:`featkd.data.splits` holds the split rules, :mod:`featkd.data.loaders` the
+sharding semantics and :mod:`featkd.data.augment` the augmentation. Importing this package registers every set.
 """
 
-from featkd.data import det_datasets, seg_datasets  # noqa: F401  (register coco, scenes-det; scenes, voc, ...)
+from featkd.data import classification, det_datasets, seg_datasets  # noqa: F401  (register the data sets)
 from featkd.data.augment import AugmentSpec
-from featkd.data.bundle import DATASETS, DataBundle, DataConfig, build_data
+from featkd.data.bundle import DataBundle, build_data
+from featkd.data.config import DATASETS, DataConfig, ScenesConfig
 from featkd.data.idx import read_idx, write_idx
 from featkd.data.loaders import Loader
-from featkd.data.scenes import ScenesConfig, ensure_scenes, generate_scenes
+from featkd.data.scenes import ensure_scenes, generate_scenes
 from featkd.data.splits import stratified_counts
 
 __all__ = [

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featkd.data.bundle import DATASETS, DataConfig
 from featkd.data.coco import CocoInstances, read_instances
+from featkd.data.config import DATASETS, DataConfig
 from featkd.data.detection import DetectionSource, category_labels, decode_instances
 from featkd.data.scenes import ensure_scenes
 from featkd.data.segmentation import target_size

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featkd.data.augment import AugmentSpec, draw_params, mix_seed
-from featkd.data.bundle import DataBundle, DataConfig, train_augment
+from featkd.data.bundle import DataBundle, train_augment
 from featkd.data.coco import CocoInstances, annotation_mask
+from featkd.data.config import DataConfig
 from featkd.data.images import open_image
 from featkd.data.loaders import Device, canonical_device, eval_shard_indices, per_rank_batch, train_shard_indices
 from featkd.data.splits import split_dense
@@ -394,7 +395,7 @@ class DetectionSource:
             task="detection",
             class_names=("background", *self.category_names),
             masks=self.masks,
-            _backend=DetectionBackend(train, val, self.test, aug, jitter),
+            backend=DetectionBackend(train, val, self.test, aug, jitter),
         )
 
 

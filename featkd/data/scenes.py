@@ -1,7 +1,8 @@
 """Scenes: seeded canvases of real Fashion-MNIST items (or MNIST digits), written in standard formats.
 
 :func:`ensure_scenes` returns a folder of generated canvases, generating it once per parameter set
-(:class:`ScenesConfig`); :func:`generate_scenes` writes one into a given folder. Layout::
+(:class:`~featkd.data.config.ScenesConfig`, the ``data.scenes:`` section); :func:`generate_scenes` writes one
+into a given folder. Layout::
 
     <folder>/train/images/000000.png     RGB canvas, canvas_size x canvas_size
     <folder>/train/masks/000000.png      mode L semantic mask: 0 background, c + 1 for an item of class c
@@ -12,7 +13,8 @@
 
 The folder is written into a temporary sibling and renamed into place, so an interrupted generation never
 leaves a half-written cache. The default cache is ``$XDG_CACHE_HOME/featkd/scenes/<digest>/`` (else
-``~/.cache/...``), where ``<digest>`` is a short hash of every parameter and :data:`GENERATOR_VERSION`.
+``~/.cache/...``), where ``<digest>`` is a short hash of every parameter and
+:data:`~featkd.data.config.SCENES_GENERATOR_VERSION` (:meth:`~featkd.data.config.ScenesConfig.digest`).
 
 COCO JSON: ``images`` (``id`` = the file's number, ``file_name`` relative to ``<split>/images/``),
 ``categories`` (ids 1..10 = source class + 1, with names), ``annotations`` (``bbox`` [x, y, w, h] and
@@ -20,7 +22,7 @@ COCO JSON: ``images`` (``id`` = the file's number, ``file_name`` relative to ``<
 :mod:`featkd.data.coco`). Two extra fields, ignored by COCO readers, record provenance: ``source_index`` on
 each annotation (the item's index in the source split) and ``fragment_sources`` on each image.
 
-Design choices (the defaults; all but the constants below are :class:`ScenesConfig` fields):
+Design choices (the defaults; all but the constants below are ``ScenesConfig`` fields):
 
 * Source split: train canvases draw items and fragments only from the source's training split, test
   canvases only from its test split. Canvas ``i`` of a split is drawn from its own generator seeded by
@@ -50,7 +52,6 @@ Files are identical for identical parameters on the same software stack (NumPy, 
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import os
 import shutil
@@ -58,15 +59,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from featkd.data.coco import instance_annotation, mask_bbox
-from featkd.errors import ConfigError, DataError, FeatkdError
+from featkd.data.config import DATASETS, SCENES_GENERATOR_VERSION, SCENES_ITEM_SIZE, DataConfig, ScenesConfig
+from featkd.errors import DataError, FeatkdError
 
-GENERATOR_VERSION = 1  # bump when the same parameters would draw different canvases
-ITEM_SIZE = 28  # source images are 28 x 28
 PLACEMENT_TRIES = 20
 BACKGROUND_GRID = 5  # smooth noise: this many grid points per side and channel
 PIXEL_NOISE_STD = 4.0
@@ -75,66 +75,6 @@ TINT_SATURATION = (0.35, 1.0)
 TINT_VALUE = (0.75, 1.0)
 DONE = "done"
 SPLITS = ("train", "test")
-
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-MNIST_CLASSES = tuple(str(d) for d in range(10))
-_SOURCE_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
-
-
-@dataclass
-class ScenesConfig:
-    """Every parameter of the generator (the ``data.scenes:`` section); see the module docstring."""
-
-    source: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
-    source_dir: str | None = None  # the source's data_dir (fashion-mnist: the Debian package by default)
-    canvas_size: int = 96  # square canvases, 64-128 px
-    train_size: int = 1000  # canvases generated per split (data.train_subset then picks from train)
-    test_size: int = 500
-    min_items: int = 1  # items per canvas, uniform in [min_items, max_items]
-    max_items: int = 4
-    min_scale: float = 0.8  # item side = round(28 * scale), scale uniform in [min_scale, max_scale]
-    max_scale: float = 1.6
-    max_box_iou: float = 0.3  # a new item's box may overlap an earlier one's by at most this IoU
-    min_visible: float = 0.5  # and must leave each earlier item at least this fraction of its pixels
-    mask_threshold: int = 32  # an item's pixels: resized intensity >= this (0-255), holes filled
-    background_max: int = 72  # smooth background noise is uniform in [0, background_max] per channel
-    fragments: int = 4  # faint fragments of other source images per canvas: uniform in [0, fragments]
-    fragment_opacity: float = 0.35  # a fragment's largest opacity
-    seed: int = 0
-
-    def validate(self, path: str = "data.scenes") -> None:
-        """Check the values; one-line ConfigError naming the key."""
-        largest = round(ITEM_SIZE * self.max_scale)
-        checks = [
-            (self.source in _SOURCE_CLASSES, "source", f"one of {', '.join(_SOURCE_CLASSES)}"),
-            (64 <= self.canvas_size <= 128, "canvas_size", "in [64, 128]"),
-            (self.train_size >= 1, "train_size", "a positive integer"),
-            (self.test_size >= 1, "test_size", "a positive integer"),
-            (1 <= self.min_items <= self.max_items, "min_items", "in [1, max_items]"),
-            (0 < self.min_scale <= self.max_scale, "min_scale", "in (0, max_scale]"),
-            (largest <= self.canvas_size, "max_scale", f"at most {self.canvas_size / ITEM_SIZE:.3g}"),
-            (0.0 <= self.max_box_iou <= 1.0, "max_box_iou", "in [0, 1]"),
-            (0.0 <= self.min_visible <= 1.0, "min_visible", "in [0, 1]"),
-            (1 <= self.mask_threshold <= 255, "mask_threshold", "in [1, 255]"),
-            (0 <= self.background_max <= 255, "background_max", "in [0, 255]"),
-            (self.fragments >= 0, "fragments", ">= 0"),
-            (0.0 <= self.fragment_opacity <= 1.0, "fragment_opacity", "in [0, 1]"),
-        ]
-        for ok, key, want in checks:
-            if not ok:
-                raise ConfigError(f"{path}.{key}: must be {want}, got {getattr(self, key)!r}")
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        """The source's 10 class names (item class c has category id c + 1 and mask value c + 1)."""
-        return _SOURCE_CLASSES[self.source]
-
-    def digest(self) -> str:
-        """A short hash of every parameter and the generator version: the cache folder's name."""
-        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -220,7 +160,7 @@ def draw_background(rng: np.random.Generator, source: SourceSplit, cfg: ScenesCo
     for _ in range(rng.integers(0, cfg.fragments + 1)):
         index = int(rng.integers(len(source.images)))
         side = int(rng.integers(FRAGMENT_SIDES[0], FRAGMENT_SIDES[1] + 1))
-        y0, x0 = rng.integers(0, ITEM_SIZE - side + 1, 2)
+        y0, x0 = rng.integers(0, SCENES_ITEM_SIZE - side + 1, 2)
         crop = source.images[index, y0 : y0 + side, x0 : x0 + side]
         out = round(side * rng.uniform(cfg.min_scale, cfg.max_scale))
         patch = _resize(np.ascontiguousarray(crop), out).astype(np.float64)
@@ -260,7 +200,7 @@ def render_canvas(rng: np.random.Generator, source: SourceSplit, cfg: ScenesConf
     visible: list[int] = []
     for _ in range(rng.integers(cfg.min_items, cfg.max_items + 1)):
         index = int(rng.integers(len(source.images)))
-        side = round(ITEM_SIZE * rng.uniform(cfg.min_scale, cfg.max_scale))
+        side = round(SCENES_ITEM_SIZE * rng.uniform(cfg.min_scale, cfg.max_scale))
         intensity = _resize(source.images[index], side)
         mask = _item_mask(intensity, cfg.mask_threshold)
         colour = _tint(rng) * intensity[..., None].astype(np.float64)
@@ -331,7 +271,7 @@ def write_split(folder: Path, source: SourceSplit, cfg: ScenesConfig, split: str
     ]
     info = {
         "description": f"featkd scenes of {cfg.source} items ({split} canvases)",
-        "version": str(GENERATOR_VERSION),
+        "version": str(SCENES_GENERATOR_VERSION),
         "split": split,
         "source": cfg.source,
         "source_split": split,
@@ -342,8 +282,6 @@ def write_split(folder: Path, source: SourceSplit, cfg: ScenesConfig, split: str
 
 def load_source(cfg: ScenesConfig) -> dict[str, SourceSplit]:
     """The source's train and test splits, read by its registered data set (``source_dir`` as data_dir)."""
-    from featkd.data.bundle import DATASETS, DataConfig  # here: sources imports this module
-
     src = DATASETS.get(cfg.source)(DataConfig(dataset=cfg.source, data_dir=cfg.source_dir))
     return {
         "train": SourceSplit(src.train_images[:, 0].numpy(), src.train_labels.numpy()),

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featkd.data.bundle import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from featkd.data.classification import IMAGENET_MEAN, IMAGENET_STD
+from featkd.data.config import DATASETS, DataConfig
 from featkd.data.scenes import ensure_scenes
 from featkd.data.segmentation import (
     IGNORE_INDEX,

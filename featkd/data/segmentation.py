@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featkd.data.bundle import DataBundle, DataConfig, in_memory_bundle, train_augment
+from featkd.data.bundle import DataBundle, in_memory_bundle, train_augment
+from featkd.data.config import DataConfig
 from featkd.data.images import open_image
 from featkd.data.loaders import Normalizer, TensorSplit
 from featkd.data.splits import split_dense

@@ -35,7 +35,7 @@ from featkd.data.augment import mix_seed
 from featkd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from featkd.data.bundle import DataConfig
+    from featkd.data.config import DataConfig
 
 Pick = Callable[[Tensor, int, torch.Generator], Tensor]  # (pool indices, how many, generator) -> sorted pick
 

@@ -1,0 +1,170 @@
+"""The ``data:`` config section (:class:`DataConfig`, with its ``data.scenes:`` part :class:`ScenesConfig`)
+and the registry of data sets (``DATASETS``).
+
+The lowest module of :mod:`featkd.data`: the data set modules register their factories here, and the
+scenes generator (:mod:`featkd.data.scenes`) reads its source set through the registry, so none of them
+needs another's module to know the config. The scenes parameters live here beside the rest of the config
+(the generator's drawing rules are in :mod:`featkd.data.scenes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from featkd.errors import ConfigError, FeatkdError
+from featkd.registry import Registry
+
+if TYPE_CHECKING:
+    from featkd.data.bundle import BundleSource, FolderSource, InMemorySource
+
+# --------------------------------------------------------------------------------------------------------
+# The scenes generator's parameters (data.scenes).
+
+SCENES_GENERATOR_VERSION = 1  # bump when the same parameters would draw different canvases
+SCENES_ITEM_SIZE = 28  # source images are 28 x 28
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+_SCENES_SOURCES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
+
+
+@dataclass
+class ScenesConfig:
+    """Every parameter of the scenes generator (the ``data.scenes:`` section); see :mod:`featkd.data.scenes`."""
+
+    source: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    source_dir: str | None = None  # the source's data_dir (fashion-mnist: the Debian package by default)
+    canvas_size: int = 96  # square canvases, 64-128 px
+    train_size: int = 1000  # canvases generated per split (data.train_subset then picks from train)
+    test_size: int = 500
+    min_items: int = 1  # items per canvas, uniform in [min_items, max_items]
+    max_items: int = 4
+    min_scale: float = 0.8  # item side = round(28 * scale), scale uniform in [min_scale, max_scale]
+    max_scale: float = 1.6
+    max_box_iou: float = 0.3  # a new item's box may overlap an earlier one's by at most this IoU
+    min_visible: float = 0.5  # and must leave each earlier item at least this fraction of its pixels
+    mask_threshold: int = 32  # an item's pixels: resized intensity >= this (0-255), holes filled
+    background_max: int = 72  # smooth background noise is uniform in [0, background_max] per channel
+    fragments: int = 4  # faint fragments of other source images per canvas: uniform in [0, fragments]
+    fragment_opacity: float = 0.35  # a fragment's largest opacity
+    seed: int = 0
+
+    def validate(self, path: str = "data.scenes") -> None:
+        """Check the values; one-line ConfigError naming the key."""
+        largest = round(SCENES_ITEM_SIZE * self.max_scale)
+        checks = [
+            (self.source in _SCENES_SOURCES, "source", f"one of {', '.join(_SCENES_SOURCES)}"),
+            (64 <= self.canvas_size <= 128, "canvas_size", "in [64, 128]"),
+            (self.train_size >= 1, "train_size", "a positive integer"),
+            (self.test_size >= 1, "test_size", "a positive integer"),
+            (1 <= self.min_items <= self.max_items, "min_items", "in [1, max_items]"),
+            (0 < self.min_scale <= self.max_scale, "min_scale", "in (0, max_scale]"),
+            (largest <= self.canvas_size, "max_scale", f"at most {self.canvas_size / SCENES_ITEM_SIZE:.3g}"),
+            (0.0 <= self.max_box_iou <= 1.0, "max_box_iou", "in [0, 1]"),
+            (0.0 <= self.min_visible <= 1.0, "min_visible", "in [0, 1]"),
+            (1 <= self.mask_threshold <= 255, "mask_threshold", "in [1, 255]"),
+            (0 <= self.background_max <= 255, "background_max", "in [0, 255]"),
+            (self.fragments >= 0, "fragments", ">= 0"),
+            (0.0 <= self.fragment_opacity <= 1.0, "fragment_opacity", "in [0, 1]"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise ConfigError(f"{path}.{key}: must be {want}, got {getattr(self, key)!r}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The source's 10 class names (item class c has category id c + 1 and mask value c + 1)."""
+        return _SCENES_SOURCES[self.source]
+
+    def digest(self) -> str:
+        """A short hash of every parameter and the generator version: the cache folder's name."""
+        blob = json.dumps({"version": SCENES_GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The data: section.
+
+_DOWNLOADABLE = {"cifar10", "cifar100"}
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of an experiment."""
+
+    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
+    # (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
+    # (featkd.data.seg_datasets), and the detection sets coco | scenes-det (featkd.data.det_datasets)
+    data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
+    # folder (required); cifar10/cifar100/imagefolder/voc/cityscapes/segfolder: root (required);
+    # scenes: the cache root (default ~/.cache/featkd/scenes; the set goes in <root>/<parameter hash>/)
+    download: bool = False  # cifar10/cifar100 only (needs internet)
+    train_subset: int | None = None  # seeded, class-stratified subset of the training split
+    subset_seed: int = 0
+    val_fraction: float = 0.0  # stratified hold-out carved from the training split BEFORE the subset
+    batch_size: int = 128  # GLOBAL batch (split over DDP ranks)
+    eval_batch_size: int = 512  # GLOBAL batch of the eval loaders
+    augment: bool = True  # the dataset's default train augmentation
+    crop_padding: int | None = None  # override the dataset default (random crop after zero padding;
+    # segmentation masks are padded with the ignore index)
+    hflip: bool | None = None  # override the dataset default
+    image_size: int | list[int] | None = None  # imagefolder: the crop size (null: 224); voc, cityscapes,
+    # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it once, at build time: an
+    # int for a square, [H, W] otherwise; null keeps the native size, which must then be the same for all
+    num_workers: int = 0  # imagefolder only (in-memory sets need none)
+    masks: bool = False  # detection sets (coco, scenes-det): decode instance masks (Mask R-CNN, mask AP)
+    scale_jitter: list[float] | None = None  # detection sets: [lo, hi] resizes each training image by a factor
+    # drawn log-uniformly in [lo, hi], then crops / zero-pads it back, boxes and masks alike (featkd.data.detection)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
+
+    def validate(self, path: str = "data") -> None:
+        """Check the values (called by the config loader and by :func:`~featkd.data.bundle.build_data`);
+        one-line ConfigError."""
+        checks = [
+            (self.batch_size >= 1, "batch_size", "a positive integer"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "a positive integer"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)"),
+            (
+                self.train_subset is None or self.train_subset >= 1,
+                "train_subset",
+                "null or a positive integer",
+            ),
+            (self.crop_padding is None or self.crop_padding >= 0, "crop_padding", "null or >= 0"),
+            (_valid_size(self.image_size), "image_size", "null, a positive integer or [H, W]"),
+            (self.num_workers >= 0, "num_workers", ">= 0"),
+            (_valid_range(self.scale_jitter), "scale_jitter", "null or [lo, hi] with 0 < lo <= hi"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise ConfigError(f"{path}.{key}: must be {want}, got {getattr(self, key)!r}")
+        try:
+            DATASETS.get(self.dataset)
+        except FeatkdError as e:
+            raise ConfigError(f"{path}.dataset: {e}") from None
+        if self.download and self.dataset not in _DOWNLOADABLE:
+            raise ConfigError(
+                f"{path}.download: {self.dataset} cannot be downloaded "
+                f"(only {', '.join(sorted(_DOWNLOADABLE))} can)"
+            )
+
+
+def _valid_range(values: list[float] | None) -> bool:
+    return values is None or (len(values) == 2 and 0 < values[0] <= values[1])
+
+
+def _valid_size(size: int | list[int] | None) -> bool:
+    if size is None or isinstance(size, int):
+        return size is None or size >= 1
+    return len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)
+
+
+# A registered factory reads ``cfg``'s files and returns what build_data turns into a DataBundle: the source
+# types are defined in featkd.data.bundle; the sets register in featkd.data.classification, seg_datasets and
+# det_datasets (all imported by featkd/data/__init__.py).
+DATASETS: Registry[Callable[[DataConfig], InMemorySource | FolderSource | BundleSource]] = Registry("dataset")
