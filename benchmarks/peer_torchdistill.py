@@ -226,7 +226,8 @@ def torchdistill_train_config(method: str, cfg, run, total_steps: int) -> dict[s
 
 class TorchdistillArm:
     """torchdistill's DistillationBox on a second build_run of the same config (same teacher, student init,
-    subset and loader); featkd's own captures on those models are removed, so only torchdistill's hooks run."""
+    subset and loader); featkd's own captures hook those models only while they run, so only torchdistill's
+    hooks run."""
 
     library = "torchdistill"
 
@@ -235,11 +236,7 @@ class TorchdistillArm:
 
         from featkd.engine.build import build_run
 
-        run = build_run(cfg, log=lambda _m: None)
-        for capture in (run.student_capture, run.teacher_capture):
-            if capture is not None:
-                capture.remove_hooks()
-        self.run = run
+        self.run = run = build_run(cfg, log=lambda _m: None)
         self.loader = run.data.train_loader(cfg.data.batch_size, seed=cfg.train.seed, device=run.device,
                                             drop_last=True)
         self.steps_per_epoch = len(self.loader)

@@ -20,7 +20,7 @@ _LAZY = {
     "build_config": "featkd.config",
     "ExperimentConfig": "featkd.config",
     "CapturingModel": "featkd.capture.capture",
-    "list_capture_points": "featkd.capture.capture",
+    "list_capture_points": "featkd.capture.listing",
     "create_model": "featkd.models",
     "build_data": "featkd.data",
     "METHODS": "featkd.methods",

@@ -15,14 +15,13 @@ import torch
 from PIL import Image
 
 from featkd.capture.capture import CapturingModel
+from featkd.capture.points import expand_entry_pairs, pair_by_stride
 from featkd.config import build_config
 from featkd.data import DataConfig, build_data
 from featkd.engine.build import build_run
 from featkd.errors import ConfigError, DataError, FeatkdError
-from featkd.methods.common import expand_entry_pairs
 from featkd.methods.pkd import pkd_loss
 from featkd.models import create_model
-from featkd.models.detection import pair_by_stride
 from featkd.tasks.detection import DetectionTask, training_targets
 
 pycocotools = pytest.importorskip("pycocotools")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
-from featkd.capture.capture import CapturingModel, list_capture_points, preceding_batchnorm, trace
+from featkd.capture.capture import CapturingModel
+from featkd.capture.listing import list_capture_points
+from featkd.capture.trace import preceding_batchnorm, trace
 from featkd.errors import FeatkdError
 from featkd.models import create_model
 
@@ -115,3 +120,84 @@ def test_preceding_batchnorm_is_the_residual_branch_bn():
     assert preceding_batchnorm(tv, "layer2.0.add") is tv.layer2[0].bn2
     assert preceding_batchnorm(tv, "layer1.0.bn1") is tv.layer1[0].bn1
     assert preceding_batchnorm(tv, "conv1") is None
+
+
+def _installed_hooks(model: nn.Module) -> dict[str, int]:
+    """``{module name: forward (pre-)hooks installed}`` for every sub-module that has any."""
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks}
+
+
+def test_hook_captures_are_installed_only_while_the_capture_runs():
+    model = create_model("resnet8", num_classes=10, in_channels=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    cap = CapturingModel(model, ["layer1", "layer2", "fc:input"], x)
+    assert not cap.traced_whole and _installed_hooks(model) == {}
+    _, feats = cap(x)
+    assert set(feats) == {"layer1", "layer2", "fc:input"}
+    assert _installed_hooks(model) == {}
+    assert _installed_hooks(copy.deepcopy(model)) == {}  # a copy (DFA's search student) fires no capture
+    # a plain evaluation call stores nothing: its batch's activations die with the call
+    refs = []
+    handle = model.layer2.register_forward_hook(lambda _m, _a, out: refs.append(weakref.ref(out)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert refs and refs[0]() is None
+    _, again = cap(x)  # and the capture still works afterwards
+    torch.testing.assert_close(again["layer2"], feats["layer2"])
+
+
+class _TrainBranch(nn.Module):
+    """A forward with a ``self.training`` branch, which fx bakes into the graph it traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.training:
+            y = y * 100
+        return torch.relu(y) + 0.01
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow around a traceable sub-module: fx points come from the sub-module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _TrainBranch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if y.sum() > -1:
+            y = y + 1
+        return y
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["whole-model-trace", "traced-submodule"])
+def test_fx_captures_follow_the_train_and_eval_branches(wrapped):
+    torch.manual_seed(0)
+    model = (_Untraceable() if wrapped else _TrainBranch()).train()
+    prefix = "inner." if wrapped else ""
+    x = torch.randn(2, 4)
+    cap = CapturingModel(model, [f"{prefix}relu"], x)  # built (and traced) in train mode
+    assert cap.traced_whole is not wrapped
+    inner = model.inner if wrapped else model
+    for training in (False, True, False):
+        model.train(training)
+        out, feats = cap(x)
+        with torch.no_grad():
+            expected = torch.relu(inner.fc(x) * (100 if training else 1))
+            torch.testing.assert_close(out, model(x))
+        torch.testing.assert_close(feats[f"{prefix}relu"], expected)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["whole-model-trace", "traced-submodule"])
+def test_a_point_in_only_one_modes_graph_is_an_error(wrapped):
+    model, point = (_Untraceable(), "inner.mul") if wrapped else (_TrainBranch(), "mul")
+    name = type(model).__name__
+    with pytest.raises(FeatkdError, match=rf"^capture point '{point}' of {name} is in its train-mode graph but not "
+                                          r"in its eval-mode one"):
+        CapturingModel(model.train(), [point], torch.randn(2, 4))

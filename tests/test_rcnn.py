@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from featkd.capture.capture import CapturingModel, list_capture_points
+from featkd.capture.capture import CapturingModel
+from featkd.capture.listing import list_capture_points
+from featkd.capture.points import expand_entry_pairs
 from featkd.config import load_config
 from featkd.data import DataConfig, build_data
 from featkd.data.config import ScenesConfig
 from featkd.errors import FeatkdError
-from featkd.methods.common import expand_entry_pairs
 from featkd.models import DETECTION_MODELS, create_model, model_options
 from featkd.tasks.detection import DetectionTask
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import fx, nn
 
-from featkd.capture.capture import CapturingModel, list_capture_points, preceding_batchnorm
+from featkd.capture.capture import CapturingModel
+from featkd.capture.listing import list_capture_points
+from featkd.capture.trace import preceding_batchnorm
 from featkd.cli import main as featkd_main
 from featkd.errors import FeatkdError
 from featkd.models import SEGMENTATION_MODELS, create_model, model_kind, segmentation_logits

@@ -3,7 +3,7 @@
 ``GraphTail(model, "layer2")(f)`` computes the model's output with the tensor at capture point ``layer2``
 replaced by ``f``: everything downstream of that point runs, nothing upstream does. For the output of
 layer group i this is "the student from the input of group i+1" that DFA's teacher-to-student bridge
-path needs. It works for any model :func:`featkd.capture.capture.trace` can trace (CIFAR ResNets, MobileNetV2,
+path needs. It works for any model :func:`featkd.capture.trace.trace` can trace (CIFAR ResNets, MobileNetV2,
 unmodified torchvision models) without per-model code:
 
 * the traced graph is copied from the model's output backwards; the point's node becomes the tail's only
@@ -26,7 +26,7 @@ from typing import Any
 import torch.fx
 from torch import Tensor, nn
 
-from featkd.capture.capture import TracedModel, _has_inplace_user, resolve_node, trace
+from featkd.capture.trace import TracedModel, has_inplace_user, resolve_node, trace
 from featkd.errors import FeatkdError
 
 
@@ -43,7 +43,7 @@ def tail_graph_module(traced: TracedModel, point: str) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     feature = graph.placeholder("feature")
     modules = dict(gm.named_modules())
-    if _has_inplace_user(start, modules):
+    if has_inplace_user(start, modules):
         feature = graph.call_method("clone", (feature,))
     env: dict[torch.fx.Node, torch.fx.Node] = {start: feature}
     parent: dict[torch.fx.Node, torch.fx.Node] = {}  # who asked for a node first, for the error message
@@ -108,7 +108,7 @@ class GraphTail(nn.Module):
     Args:
         model: an fx-traceable ``nn.Module`` (registered as ``self.model``; shared, never modified).
         point: a capture point (module output, ``module:input`` or fx node name, see
-            :mod:`featkd.capture.capture`) that the output depends on only through itself.
+            :mod:`featkd.capture.points`) that the output depends on only through itself.
         traced: an existing :func:`trace` of ``model`` to reuse.
 
     ``forward(feature)``: ``feature`` has the point's shape, e.g. (B, C_i, H_i, W_i); returns what

@@ -4,7 +4,7 @@ A *layer group* (DFA's term) is a run of consecutive blocks whose outputs share 
 ``BasicBlock`` outputs ``layer2.0 .. layer2.2`` of a CIFAR ResNet-20 stage. They are found without any
 per-model code:
 
-1. The model is traced with :func:`featkd.capture.capture.trace` and the *cut nodes* of its graph are computed:
+1. The model is traced with :func:`featkd.capture.trace.trace` and the *cut nodes* of its graph are computed:
    tensors that every path from the input to the output passes through (no skip connection jumps over
    them). Block boundaries are cut nodes; the inside of a residual block is not.
 2. A *segment* is a submodule with children whose input and output are both cut nodes (a self-contained
@@ -32,8 +32,11 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from featkd.capture.capture import INPUT_SUFFIX, CapturingModel, TracedModel, trace
+from featkd.capture.capture import CapturingModel
+from featkd.capture.points import INPUT_SUFFIX
+from featkd.capture.trace import TracedModel, trace
 from featkd.errors import ConfigError, FeatkdError
+from featkd.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,8 @@ def cut_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
 
 @torch.no_grad()
 def _node_shapes(traced: TracedModel, input_shape: Sequence[int]) -> dict[torch.fx.Node, tuple[int, ...] | None]:
-    model = traced.model
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(traced.model):  # no BatchNorm statistics change while shapes are probed
         ShapeProp(traced.graph_module).propagate(torch.zeros(2, *input_shape))
-    finally:
-        model.train(was_training)
     shapes = {}
     for node in traced.graph_module.graph.nodes:
         meta = node.meta.get("tensor_meta")
@@ -192,7 +190,6 @@ def groups_from_points(model: nn.Module, input_shape: Sequence[int], groups: Seq
         raise ConfigError(f"{key}: give one non-empty list of capture points per group")
     points = [p for g in groups for p in g]
     capture = CapturingModel(model, points, torch.zeros(2, *input_shape))
-    capture.remove_hooks()
     out = []
     for i, g in enumerate(groups):
         shapes = {p: capture.shapes[p] for p in g}

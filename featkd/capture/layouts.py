@@ -93,6 +93,26 @@ def token_grid(n: int, input_hw: tuple[int, int] | None, prefix: int | None) -> 
     return fits[0] if len(fits) == 1 else None
 
 
+def fitting_prefixes(n: int, input_hw: tuple[int, int] | None, limit: int = 2) -> list[tuple[int, int, int]]:
+    """Up to ``limit`` readings ``(P, h, w)`` of ``n`` tokens as P >= 0 leading tokens + an h x w patch grid with
+    the aspect ratio of an H x W input (None: square), fewest leading tokens first; grids with h, w >= 2 only,
+    unless none fits (then the one-patch-wide reading, if any). Empty: no number of leading tokens fits."""
+    a, b = (1, 1) if input_hw is None else input_hw
+    g = math.gcd(a, b)
+    a, b = a // g, b // g
+    readings = [(n - k * k * a * b, k * a, k * b) for k in range(math.isqrt(n // (a * b)), 0, -1)]
+    wide = [r for r in readings if min(r[1], r[2]) >= 2]
+    return (wide or readings)[:limit]
+
+
+def _prefix_hint(n: int, base: str, input_hw: tuple[int, int] | None) -> str:
+    """``"'blk:tokens=3' (3 + 7x7)"`` for the numbers of leading tokens that fit, or a sentence saying none does."""
+    fits = fitting_prefixes(n, input_hw)
+    if not fits:
+        return f"no number of leading tokens leaves such a grid of {n} tokens"
+    return " or ".join(f"'{base}:tokens={p}' ({p} + {h}x{w})" for p, h, w in fits) + " fits"
+
+
 def to_map(tensor: Tensor, layout: Layout, point: str, input_hw: tuple[int, int] | None) -> Tensor:
     """``tensor`` captured at ``point`` (the full name, for errors) as a contiguous (B, C, H, W) map.
 
@@ -110,15 +130,15 @@ def to_map(tensor: Tensor, layout: Layout, point: str, input_hw: tuple[int, int]
     grid = token_grid(n, input_hw, layout.prefix)
     if grid is None:
         aspect = "a square" if input_hw is None else f"the input's {input_hw[0]}:{input_hw[1]}"
+        hint = _prefix_hint(n, point.rsplit(":", 1)[0], input_hw)
         if layout.prefix is None:
             raise FeatkdError(
                 f"capture point {point!r}: {n} tokens (shape {shape}) are not 0, 1 or 2 leading tokens + an h x w "
-                f"patch grid (h, w >= 2) of {aspect} aspect; give the number of leading tokens, e.g. "
-                f"'{point.rsplit(':', 1)[0]}:tokens=1'"
+                f"patch grid (h, w >= 2) of {aspect} aspect; give the number of leading tokens: {hint}"
             )
         raise FeatkdError(
             f"capture point {point!r}: {n} tokens (shape {shape}) less {layout.prefix} leading tokens do not form "
-            f"an h x w patch grid of {aspect} aspect"
+            f"an h x w patch grid of {aspect} aspect; {hint}"
         )
     prefix, h, w = grid
     return tensor[:, prefix:].transpose(1, 2).reshape(batch, channels, h, w).contiguous()

@@ -1,13 +1,11 @@
-"""Small helpers shared by the feature methods: layer pairs (``module[*]``: every level, paired by stride)
-and spatial alignment."""
+"""Small helpers shared by the feature methods: layer pairs, connectors and spatial alignment (``module[*]``
+pairs, every level paired by stride, expand in :mod:`featkd.capture.points`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -114,65 +112,3 @@ def resize_like(t: Tensor, size: Sequence[int]) -> Tensor:
         return t
     return F.adaptive_avg_pool2d(t, tuple(size))
 
-
-ALL_ENTRIES = "[*]"
-
-
-@torch.no_grad()
-def entry_strides(model: nn.Module, module_name: str, example: Tensor) -> dict[str, int]:
-    """``{key: stride}`` of the (B, C, h, w) entries of a module's dict / tuple output (an FPN's levels) on
-    ``example`` (B, C, H, W): ``H / h`` rounded to a power of two (a 96-px input's stride-64 level is 2x2,
-    its stride-32 level 3x3); one forward in eval mode."""
-    from featkd.capture.capture import entries
-
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        raise FeatkdError(f"{type(model).__name__} has no module {module_name!r} (in a point "
-                          f"'{module_name}{ALL_ENTRIES}'); run `featkd layers MODEL` to list them") from None
-    seen: dict[str, int] = {}
-
-    def hook(_m: nn.Module, _args: tuple, out: object) -> None:
-        if not seen:
-            for key, value in entries(out):
-                if isinstance(value, Tensor) and value.ndim == 4:
-                    seen[key] = 2 ** round(math.log2(example.shape[-2] / value.shape[-2]))
-
-    handle = module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    if not seen:
-        raise FeatkdError(f"point '{module_name}{ALL_ENTRIES}': the output of {module_name!r} has no (C, H, W) "
-                          "entries (it must be a dict or tuple of feature maps, like an FPN's)")
-    return seen
-
-
-def expand_entry_pairs(pairs: Sequence[Sequence[str]], teacher: nn.Module, student: nn.Module,
-                       example: Tensor, key: str = "method.pairs") -> list[list[str]]:
-    """Replace each pair ``[module[*], module[*]]`` by one pair per level, levels paired by STRIDE (not by
-    key or index: torchvision's mobilenet FPN has two stride-32 levels '0' and '1', its ResNet FPNs start at
-    stride 4 (Faster R-CNN) or 8 (RetinaNet)). Levels of one stride pair in output order; a level with no
-    partner of its stride is left out. Other pairs are kept as they are."""
-    from featkd.models.detection import pair_by_stride
-
-    out: list[list[str]] = []
-    for i, pair in enumerate(pairs):
-        wild = [isinstance(p, str) and p.endswith(ALL_ENTRIES) for p in pair]
-        if not any(wild):
-            out.append(list(pair))
-            continue
-        if len(pair) != 2 or not all(wild):
-            raise ConfigError(f"{key}[{i}]: '{ALL_ENTRIES}' (every level, paired by stride) must end both points, "
-                              f"got {list(pair)}")
-        s_mod, t_mod = (p[: -len(ALL_ENTRIES)] for p in pair)
-        levels = pair_by_stride(entry_strides(student, s_mod, example), entry_strides(teacher, t_mod, example))
-        if not levels:
-            raise FeatkdError(f"{key}[{i}]: no level of student {s_mod!r} has the stride of a level of teacher "
-                              f"{t_mod!r}")
-        out += [[f"{s_mod}[{s}]", f"{t_mod}[{t}]"] for s, t in levels]
-    return out

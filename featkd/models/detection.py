@@ -74,8 +74,9 @@ from torch import nn
 
 import featkd.models.resnet_cifar  # noqa: F401  (registers the backbones' classifiers)
 from featkd.errors import FeatkdError
-from featkd.models import MODELS
+from featkd.models.registry import MODELS
 from featkd.models.segmentation import conv_bn_relu, init_conv_bn, keyword_options, trunk
+from featkd.modes import eval_mode
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TRUNK = ("conv1", "bn1", "relu", "layer1", "layer2", "layer3")  # the CIFAR ResNets' feature layers
@@ -155,15 +156,13 @@ def fpn_backbone(classifier: nn.Module, in_channels: int, entry_width: int, fpn_
     body = trunk(classifier, TRUNK)
     layers = OrderedDict([("entry", entry_stem(in_channels, entry_width)), *body.named_children()])
     features = nn.Sequential(layers)
-    with torch.no_grad():
-        features.eval()
+    with torch.no_grad(), eval_mode(features):  # a probe for the channels: no BatchNorm statistics update
         x = torch.zeros(1, in_channels, 64, 64)
         channels = []
         for name, module in features.named_children():
             x = module(x)
             if name in ("layer2", "layer3"):
                 channels.append(x.shape[1])
-        features.train()
     return BackboneWithFPN(features, {"layer2": "0", "layer3": "1"}, channels, fpn_channels,
                            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
 
@@ -367,19 +366,3 @@ for _backbone in DETECTION_BACKBONES:
     for _head in HEADS:
         _register(_head, _backbone)
 
-
-def pair_by_stride(student: dict[str, int], teacher: dict[str, int]) -> list[tuple[str, str]]:
-    """Pair feature maps of equal stride: ``{point: stride}`` of each side -> ``[(student, teacher), ...]``.
-
-    Within one stride the points pair in the given order (torchvision's mobilenet FPN has two stride-32
-    levels '0' and '1'); maps with no partner of their stride are left out. In the student's order."""
-    by_stride: dict[int, list[str]] = {}
-    for point, stride in teacher.items():
-        by_stride.setdefault(stride, []).append(point)
-    pairs, used = [], {s: 0 for s in by_stride}
-    for point, stride in student.items():
-        candidates = by_stride.get(stride, [])
-        if used.get(stride, 0) < len(candidates):
-            pairs.append((point, candidates[used[stride]]))
-            used[stride] += 1
-    return pairs

@@ -247,7 +247,6 @@ class DFA(Distiller):
                 ctx.log(f"  group {i + 1}: student {p.student_point} {'x'.join(map(str, p.student_shape))} <- "
                         f"teacher {', '.join(p.teacher_candidates)} {'x'.join(map(str, p.teacher_shape))}")
             result = engine.run(weight, held, ctx.log)
-            engine.capture.remove_hooks()
             result.seconds = time.perf_counter() - t0
         return result
 

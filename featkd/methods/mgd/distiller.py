@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from featkd.capture.capture import preceding_batchnorm
+from featkd.capture.trace import preceding_batchnorm
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
 from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
