@@ -1,17 +1,29 @@
-"""Model zoo: shapes, fx-traceability, no in-place ops, parameter counts, options, torchvision adapter."""
+"""Models: shapes, fx-traceability, no in-place ops, parameter counts, options, name schemes and errors,
+torchvision adapter."""
 
 from __future__ import annotations
 
 import operator
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import fx, nn
 
+import featkd.models
 from featkd.errors import FeatkdError
-from featkd.models import DETECTION_MODELS, SEGMENTATION_MODELS, classifier_name, create_model, list_models
+from featkd.models import (
+    DETECTION_MODELS,
+    MODELS,
+    SEGMENTATION_MODELS,
+    classifier_name,
+    create_model,
+    list_models,
+    parse_model_name,
+)
+from featkd.models.registry import NOT_MODEL_FILES
 from featkd.models.resnet_cifar import BasicBlock
 
 EXPECTED_NAMES = {
@@ -68,6 +80,43 @@ def assert_traces_like_eager(model: nn.Module, x: torch.Tensor) -> None:
 
 def test_registered_names() -> None:
     assert set(list_models()) == EXPECTED_NAMES | FIXED_SIZE_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
+
+
+def test_every_model_file_is_found_and_registers() -> None:
+    """Model files are discovered (no hand-kept list): each module of the package but the helpers registers."""
+    package = Path(featkd.models.__file__).parent
+    files = {f"featkd.models.{p.stem}" for p in package.glob("*.py")
+             if p.stem not in NOT_MODEL_FILES and not p.stem.startswith("_")}
+    assert {MODELS.get(name).__module__ for name in list_models()} == files
+
+
+@pytest.mark.parametrize(
+    ("name", "parsed"),
+    [
+        ("resnet8", ("featkd", "resnet8")),
+        ("torchvision:resnet18", ("torchvision", "resnet18")),
+        ("timm:vit_tiny_patch16_224", ("timm", "vit_tiny_patch16_224")),
+        ("nets:Student", ("user", "nets:Student")),
+        ("torchvision.nets:build", ("user", "torchvision.nets:build")),  # a user module, not the scheme
+    ],
+)
+def test_parse_model_name(name: str, parsed: tuple[str, str]) -> None:
+    assert parse_model_name(name) == parsed
+
+
+def test_unknown_name_proposes_the_torchvision_model_first() -> None:
+    """`resnet18` is torchvision's (and timm's): the scheme is what is missing, not a featkd near-miss."""
+    pytest.importorskip("torchvision")
+    with pytest.raises(FeatkdError, match=r"^unknown model 'resnet18' \(did you mean 'torchvision:resnet18', ") as info:
+        create_model("resnet18", num_classes=10)
+    assert "'resnet8'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_name_without_torchvision_or_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in ("torchvision", "torchvision.models", "timm"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(FeatkdError, match=r"^unknown model 'resnet18' \(did you mean 'resnet8', "):
+        create_model("resnet18", num_classes=10)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
@@ -332,6 +381,9 @@ def test_torchvision_pretrained_weights_are_adapted(monkeypatch: pytest.MonkeyPa
         ("torchvision:resnet18", {"widht": 3}, r"model 'torchvision:resnet18': unknown option 'widht'"),
         ("torchvision:mobilenet_v2", {"width_mult": "x"}, r"invalid options \{'width_mult': 'x'\}"),
         ("torchvision:resnet18", {"weights": 3}, r"option 'weights' must be a string, got 3"),
+        ("torchvision:resnet18", {"pretrained": True},
+         r"unknown option 'pretrained': torchvision models take weights=DEFAULT \(or a weights enum name"),
+        ("torchvision:fcn_resnet50", {"pretrained_backbone": True}, r"take weights_backbone=DEFAULT"),
     ],
 )
 def test_torchvision_errors(name: str, kwargs: dict, match: str) -> None:

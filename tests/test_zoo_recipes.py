@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from featkd.apps.zoo_build import add_entry, build_recipe
 from featkd.config import load_config
 from featkd.errors import FeatkdError
 from featkd.models.zoo import build_dir, entry_score, is_recipe, load_manifest, resolve_weights, zoo_entry
@@ -50,6 +51,24 @@ def test_every_recipe_in_the_manifest_is_complete():
         assert Path(entry["recipe_config"]).is_file() and entry["command"] == f"featkd zoo build {entry['name']}"
         _, recorded = entry_score(entry)  # test_acc, or test_<metric> (test_ap of a detector)
         assert recorded is None or 0 < recorded <= 100
+
+
+def test_zoo_add_copies_the_run_and_records_it(tmp_path):
+    run, zoo = tmp_path / "run", tmp_path / "zoo"
+    run.mkdir()
+    (run / "student.pt").write_bytes(b"weights")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "student": {"model": "resnet8"}}))
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "test_acc": 90.0, "epochs": 1,
+                                                  "train_seconds": 3.04}))
+    entry = add_entry(run, "tiny", zoo)
+    assert sorted(p.name for p in zoo.iterdir()) == ["manifest.json", "tiny.pt", "tiny.yaml"]  # no temporary left
+    assert json.loads((zoo / "manifest.json").read_text()) == [entry]
+    assert entry["test_acc"] == 90.0 and entry["train_seconds"] == 3.0 and (zoo / "tiny.pt").read_bytes() == b"weights"
+
+
+def test_zoo_build_refuses_an_entry_that_ships_its_weights():
+    with pytest.raises(FeatkdError, match="zoo entry 'digits-resnet20' ships its weights"):
+        build_recipe("digits-resnet20")
 
 
 def featkd(*args: str, env: dict, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

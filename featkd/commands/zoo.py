@@ -4,7 +4,8 @@
 Recipes (entries whose weights are not shipped) are listed with the command that builds them:
 ``featkd zoo build NAME`` trains one with its recorded config (``runs/zoo/NAME``), checks that its test
 accuracy reaches the recorded one within the entry's tolerance, and installs the weights where ``zoo:NAME``
-finds them (:func:`featkd.models.zoo.build_dir`). See :mod:`featkd.models.zoo`.
+finds them (:func:`featkd.models.zoo.build_dir`). See :mod:`featkd.models.zoo` (looking up) and
+:mod:`featkd.apps.zoo_build` (building, adding).
 
 ``add`` copies the run's exported ``student.pt`` to ``zoo/NAME.pt`` and its ``config.yaml`` to
 ``zoo/NAME.yaml``, and records in ``zoo/manifest.json`` the checksum, the measured test accuracy (from the
@@ -33,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from featkd.models.zoo import add_entry, entry_score, is_recipe, load_manifest, verify_entry, zoo_dirs
+    from featkd.models.zoo import entry_score, is_recipe, load_manifest, verify_entry, zoo_dirs
 
     if args.action == "add":
+        from featkd.apps.zoo_build import add_entry
         from featkd.errors import FeatkdError
 
         if not args.run_dir or not args.name:
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     """``featkd zoo build NAME``: train the recipe, check its accuracy, install the weights."""
+    from featkd.apps.zoo_build import build_recipe
     from featkd.errors import FeatkdError
-    from featkd.models.zoo import build_recipe
 
     if not args.run_dir:
         raise FeatkdError("zoo build needs the recipe's NAME (`featkd zoo list` shows recipes)")

@@ -34,8 +34,8 @@ import math
 import torch
 from torch import nn
 
-from featkd.models import MODELS
 from featkd.models.init import init_weights
+from featkd.models.registry import MODELS
 
 # t (expansion), c (channels), n (blocks), s (stride of the first block)
 SETTING = [

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from featkd.models import MODELS
 from featkd.models.init import init_weights
+from featkd.models.registry import MODELS
 
 
 class PlainCNN(nn.Module):

@@ -51,8 +51,9 @@ from torch import Tensor, nn
 import featkd.models.mobilenetv2
 import featkd.models.resnet_cifar  # noqa: F401  (registers the backbones' classifiers)
 from featkd.errors import FeatkdError
-from featkd.models import MODELS
 from featkd.models.init import init_conv_bn
+from featkd.models.registry import MODELS
+from featkd.modes import eval_mode
 
 DEFAULT_RATES = (2, 4, 6)
 
@@ -254,15 +255,11 @@ def model_kind(model: nn.Module, example_input: Tensor) -> Literal["classificati
     """``"classification"`` if ``model(example_input)`` gives (B, K) logits, ``"segmentation"`` for
     (B, K, H', W') logits (a tensor or torchvision's ``{'out': ...}``).
 
-    One forward in eval mode on ``example_input`` (B, C, H, W), without grad; the model's mode is restored.
+    One forward in eval mode on ``example_input`` (B, C, H, W), without grad; each module's mode is restored.
     featkd and torchvision segmenters return logits at the input's size (H' = H, W' = W).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = segmentation_logits(model(example_input))
-    finally:
-        model.train(was_training)
     if logits.ndim == 2:
         return "classification"
     if logits.ndim == 4:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featkd.models import MODELS
 from featkd.models.init import init_weights
+from featkd.models.registry import MODELS
 
 # net_size -> (stage widths, head width)
 CONFIGS: dict[float, tuple[tuple[int, int, int], int]] = {

@@ -27,6 +27,15 @@ def _timm() -> Any:
     return timm
 
 
+def is_timm_model(name: str) -> bool:
+    """Whether ``timm:<name>`` names one of timm's models (False without timm)."""
+    try:
+        timm = _timm()
+    except FeatkdError:
+        return False
+    return bool(timm.is_model(name))
+
+
 def create_timm_model(
     name: str, *, num_classes: int, in_channels: int = 3, pretrained: bool = False, **kwargs: Any
 ) -> nn.Module:

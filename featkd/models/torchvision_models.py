@@ -53,21 +53,40 @@ def _torchvision_models() -> Any:
     return torchvision.models
 
 
+def _model_names(tvm: Any) -> tuple[list[str], list[str], list[str]]:
+    """torchvision's classification, segmentation and detection models (not the keypoint detector)."""
+    classifiers = tvm.list_models(module=tvm)
+    segmenters = tvm.list_models(module=tvm.segmentation)
+    detectors = [n for n in tvm.list_models(module=tvm.detection) if not n.startswith("keypoint")]
+    return classifiers, segmenters, detectors
+
+
+def is_torchvision_model(name: str) -> bool:
+    """Whether ``torchvision:<name>`` is a model this adapter builds (False without torchvision)."""
+    try:
+        tvm = _torchvision_models()
+    except FeatkdError:
+        return False
+    return any(name in names for names in _model_names(tvm))
+
+
 def create_torchvision_model(
     name: str, *, num_classes: int, in_channels: int = 3, weights: str | None = None, **kwargs: Any
 ) -> nn.Module:
     """Build torchvision classification or segmentation model ``name`` (see the module docstring)."""
     tvm = _torchvision_models()
     full = f"torchvision:{name}"
-    classifiers = tvm.list_models(module=tvm)
-    segmenters = tvm.list_models(module=tvm.segmentation)
-    detectors = [n for n in tvm.list_models(module=tvm.detection) if not n.startswith("keypoint")]
+    classifiers, segmenters, detectors = _model_names(tvm)
     if name not in classifiers and name not in segmenters and name not in detectors:
         raise FeatkdError(
             f"unknown model {full!r}{did_you_mean(name, classifiers + segmenters + detectors)}; torchvision "
             f"classification models: {', '.join(classifiers)}; segmentation models: {', '.join(segmenters)}; "
             f"detection models: {', '.join(detectors)}"
         )
+    for legacy, option in (("pretrained", "weights"), ("pretrained_backbone", "weights_backbone")):
+        if legacy in kwargs:  # torchvision's old keyword (timm's too): say what replaced it
+            raise FeatkdError(f"model {full!r}: unknown option {legacy!r}: torchvision models take {option}=DEFAULT "
+                              f"(or a weights enum name, e.g. IMAGENET1K_V1) instead of {legacy}")
     for option, value in (("weights", weights), ("weights_backbone", kwargs.get("weights_backbone"))):
         if value is not None and not isinstance(value, str):
             raise FeatkdError(f"model {full!r}: option {option!r} must be a string, got {value!r}")

@@ -36,18 +36,13 @@ from torch import nn
 
 from featkd.errors import FeatkdError, did_you_mean
 
-__all__ = ["add_search_dir", "create_user_model", "import_callable", "is_import_spec", "search_dirs"]
+__all__ = ["add_search_dir", "create_user_model", "import_callable", "search_dirs"]
 
 _IDENT = r"[A-Za-z_]\w*"
 _SPEC = re.compile(rf"^(?P<module>{_IDENT}(?:\.{_IDENT})*):(?P<attr>{_IDENT}(?:\.{_IDENT})*)$")
 
 #: folders of the config files read in this process, searched after the working directory
 _SEARCH_DIRS: list[Path] = []
-
-
-def is_import_spec(name: str) -> bool:
-    """Whether a model name is a ``module:callable`` spec (any ``prefix:rest`` that is not a built-in prefix)."""
-    return ":" in name and not name.startswith(("torchvision:", "timm:"))
 
 
 def add_search_dir(folder: str | Path) -> None:

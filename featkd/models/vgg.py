@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featkd.models import MODELS
 from featkd.models.init import init_weights
+from featkd.models.registry import MODELS
 
 CONFIGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],

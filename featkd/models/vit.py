@@ -20,7 +20,7 @@ import math
 from torch import nn
 
 from featkd.errors import FeatkdError
-from featkd.models import MODELS
+from featkd.models.registry import MODELS
 
 PATCH_SIZE = 4
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featkd.models import MODELS
 from featkd.models.init import init_weights
+from featkd.models.registry import MODELS
 
 
 class WideBasicBlock(nn.Module):

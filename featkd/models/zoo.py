@@ -6,12 +6,15 @@ A config refers to an entry as ``checkpoint: zoo:NAME``; the file's checksum is 
 
 A *recipe* is an entry without ``file``: weights that are not shipped (too slow to train for the repository,
 or not measured yet), with the ``config`` (in the zoo folder) and the ``command`` that makes them,
-``featkd zoo build NAME`` (:func:`build_recipe`). Its ``test_acc`` is the accuracy a build must reach, within
-``tolerance`` points (default :data:`DEFAULT_TOLERANCE`; null: not measured yet, the build records what it
-measures). Built weights go to :func:`build_dir` (``$FEATKD_CACHE/zoo``, default ``~/.cache/featkd/zoo``:
-outside the package, so an installed featkd builds them too) as ``NAME.pt`` beside ``NAME.json`` (its
-sha256, the measured accuracy, the run folder); from then on ``zoo:NAME`` resolves to them. Until then
-``zoo:NAME`` fails with the command to run.
+``featkd zoo build NAME`` (:func:`featkd.apps.zoo_build.build_recipe`). Its ``test_acc`` is the accuracy a
+build must reach, within ``tolerance`` points (default :data:`featkd.apps.zoo_build.DEFAULT_TOLERANCE`; null:
+not measured yet, the build records what it measures). Built weights go to :func:`build_dir`
+(``$FEATKD_CACHE/zoo``, default ``~/.cache/featkd/zoo``: outside the package, so an installed featkd builds
+them too) as ``NAME.pt`` beside ``NAME.json`` (its sha256, the measured accuracy, the run folder); from then
+on ``zoo:NAME`` resolves to them. Until then ``zoo:NAME`` fails with the command to run.
+
+This module only looks entries up (model building needs it); writing the zoo, ``featkd zoo build`` and
+``featkd zoo add``, is :mod:`featkd.apps.zoo_build` (it trains, so it sits above the engine).
 """
 
 from __future__ import annotations
@@ -103,61 +106,15 @@ def verify_entry(entry: dict[str, Any]) -> str | None:
     return None
 
 
-def _measured(summary: dict[str, Any]) -> dict[str, Any]:
-    """The run's final test metric as the manifest records it: ``test_acc`` for classifiers (every entry has
-    had it), ``metric`` + ``test_<metric>`` for other tasks (``test_miou`` for segmenters)."""
-    metric = summary.get("metric", "acc")
-    value = summary.get("test_metric", summary.get("test_acc"))
-    return {"test_acc": value} if metric == "acc" else {"metric": metric, f"test_{metric}": value}
-
-
 def entry_score(entry: dict[str, Any]) -> tuple[str, float]:
     """(metric name, measured test value) of a manifest entry."""
     metric = entry.get("metric", "acc")
     return metric, entry[f"test_{metric}"]
 
 
-def add_entry(run_dir: str | Path, name: str, zoo_dir: str | Path = "zoo") -> dict[str, Any]:
-    """Copy a finished run's student into the zoo and record it in the manifest (see ``featkd zoo add``)."""
-    import shutil
-
-    from featkd.config import load_raw
-
-    run_dir, zoo_dir = Path(run_dir), Path(zoo_dir)
-    summary_path = run_dir / "summary.json"
-    for required in ("student.pt", "config.yaml", "summary.json"):
-        if not (run_dir / required).is_file():
-            raise FeatkdError(f"{run_dir / required} not found: zoo add needs a finished run folder")
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "finished":
-        raise FeatkdError(f"{run_dir} did not finish (status {summary.get('status')!r})")
-    config = load_raw(run_dir / "config.yaml")
-    command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else ""
-    zoo_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "student.pt", zoo_dir / f"{name}.pt")
-    shutil.copyfile(run_dir / "config.yaml", zoo_dir / f"{name}.yaml")
-    entry = {
-        "name": name, "file": f"{name}.pt", "sha256": sha256_of(zoo_dir / f"{name}.pt"),
-        "dataset": config["data"]["dataset"], "model": config["student"]["model"],
-        "options": config["student"].get("options", {}), **_measured(summary),
-        "epochs": summary["epochs"], "train_seconds": round(summary["train_seconds"], 1),
-        "config": f"{name}.yaml", "command": command,
-    }
-    manifest = zoo_dir / "manifest.json"
-    items = json.loads(manifest.read_text()) if manifest.is_file() else []
-    items = [e for e in items if e["name"] != name] + [entry]
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sorted(items, key=lambda e: e["name"]), indent=2) + "\n")
-    tmp.replace(manifest)
-    return entry
-
-
 # ---------------------------------------------------------------------------------------------------------
 # recipes: entries whose weights are built locally by `featkd zoo build NAME`
 # ---------------------------------------------------------------------------------------------------------
-
-#: points of test accuracy a build may fall below the recipe's recorded value (a recipe may set its own)
-DEFAULT_TOLERANCE = 1.0
 
 
 def is_recipe(entry: dict[str, Any]) -> bool:
@@ -195,53 +152,3 @@ def recipe_hint(entry: dict[str, Any]) -> str:
     took = f", {entry['train_seconds'] / 60:.0f} min on one CPU core" if entry.get("train_seconds") else ""
     return (f"a recipe whose weights are not built yet: run `featkd zoo build {entry['name']}` (trains "
             f"{entry['model']} on {entry['dataset']}{took}; {recorded})")
-
-
-def build_recipe(name: str, out_dir: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
-                 resume: bool = False, force: bool = False, log: Any = print) -> dict[str, Any]:
-    """Train recipe ``name`` with its recorded config, check its accuracy, install the weights; the record.
-
-    The run goes to ``out_dir`` (default ``runs/zoo/NAME``; ``resume`` continues it). The build passes when
-    the final test accuracy is at least the recorded one minus the tolerance; otherwise nothing is installed
-    (``force`` installs anyway) and :class:`FeatkdError` names both numbers and the run folder.
-    """
-    import shutil
-
-    from featkd import __version__
-    from featkd.config import load_config
-    from featkd.engine.trainer import Trainer
-
-    entry = zoo_entry(name)
-    if not is_recipe(entry):
-        raise FeatkdError(f"zoo entry {name!r} ships its weights ({entry['path']}); there is nothing to build")
-    config = Path(entry["recipe_config"])
-    cfg = load_config(config, list(overrides))
-    out = Path(out_dir) if out_dir is not None else Path("runs") / "zoo" / name
-    trainer = Trainer(cfg, out, resume=resume, log=log)
-    with open(out / "command.txt", "a") as f:  # how the run was made, as `featkd train` records it
-        f.write(f"featkd zoo build {name}" + (f" --out {out_dir}" if out_dir is not None else "")
-                + "".join(f" --set {o}" for o in overrides) + (" --resume" if resume else "") + "\n")
-    result = trainer.fit()
-    if result.status != "finished" or result.test_metric is None:
-        raise FeatkdError(f"zoo build {name}: the run in {out} did not finish (status {result.status})")
-    metric, recorded = entry.get("metric", "acc"), entry.get(f"test_{entry.get('metric', 'acc')}")
-    tolerance = float(entry.get("tolerance", DEFAULT_TOLERANCE))
-    measured = float(result.test_metric)
-    if recorded is not None and measured < recorded - tolerance and not force:
-        raise FeatkdError(f"zoo build {name}: test_{metric} {measured:.2f} is more than {tolerance:g} points below "
-                          f"the recorded {recorded:.2f}; weights not installed (run folder {out}; --force "
-                          "installs them anyway)")
-    folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.pt"
-    tmp = folder / f".{name}.pt.tmp"
-    shutil.copyfile(out / "student.pt", tmp)
-    tmp.replace(target)
-    record = {"name": name, "sha256": sha256_of(target), f"test_{metric}": measured, "recorded": recorded,
-              "tolerance": tolerance, "passed": recorded is None or measured >= recorded - tolerance,
-              "run": str(out.resolve()), "config": str(config), "overrides": list(overrides),
-              "epochs": result.epochs, "train_seconds": round(result.train_seconds, 1), "featkd": __version__}
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / f"{name}.json")
-    return record
