@@ -56,10 +56,11 @@ from torch import Tensor, nn
 from featkd.capture.capture import CapturingModel
 from featkd.data import DataBundle
 from featkd.distributed import process_group_info
-from featkd.engine.build import build_distiller, method_options, probe_output
+from featkd.engine.build import build_distiller, method_options
 from featkd.engine.step import TrainStep, teacher_outputs
 from featkd.errors import FeatkdError
 from featkd.methods.base import Distiller, RunContext
+from featkd.modes import probe_output
 from featkd.tasks import TASKS, Task
 
 __all__ = ["Distillation", "LoaderData"]

@@ -5,6 +5,9 @@ A config file holds the sections ``data``, ``teacher``, ``student``, ``method``,
 of experiments shares one protocol file. ``--set key.sub=value`` overrides (values parsed as YAML) are
 applied to the raw mapping before validation, so they are checked exactly like the file. Errors name the
 offending key and, for enumerations, the allowed values: ``method.temprature: unknown key (allowed: ...)``.
+Values are range-checked as well, section by section (each dataclass's ``validate``, called by :func:`from_dict`;
+checks across sections in :meth:`ExperimentConfig.validate`), before anything runs or is written:
+``train.eval_every: must be a positive integer, got 0``.
 
 The ``method`` section is validated against the options dataclass of the chosen method
 (``featkd.methods``), so every method documents its own options in one place.
@@ -53,6 +56,21 @@ class OptimConfig:
     min_lr: float = 0.0  # "cosine": final learning rate
     grad_clip: float | None = None  # max global L2 norm of the gradients, None = off
 
+    def validate(self, path: str = "optim") -> None:
+        """Check the values on their own (the config loader calls this); one-line ConfigError naming the key.
+        Checks against ``train.epochs`` are in :func:`check_schedule`."""
+        _check(self, path, [
+            (self.lr > 0, "lr", "> 0"),
+            (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.gamma > 0, "gamma", "> 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
+            (0.0 <= self.min_lr <= self.lr, "min_lr", f"in [0, optim.lr = {self.lr:g}]"),
+            (self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "null or >= 0 (0: off)"),
+            (all(m > 0 for m in self.milestones), "milestones",
+             "positive: fractions of the run (< 1) or epochs (>= 1)"),
+        ])
+
 
 @dataclass
 class TrainConfig:
@@ -82,6 +100,43 @@ class TrainConfig:
     teacher_cache: str | None = None
     teacher_cache_max_gb: float = 10.0  # at most this much per stream on disk; epochs beyond it run the teacher
 
+    def validate(self, path: str = "train") -> None:
+        """Check the values (the config loader calls this); one-line ConfigError naming the key."""
+        _check(self, path, [
+            (self.epochs >= 1, "epochs", "a positive integer"),
+            (self.stop_after is None or self.stop_after >= 1, "stop_after", "null or a positive integer"),
+            (self.seed >= 0, "seed", ">= 0"),
+            (self.num_threads is None or self.num_threads >= 1, "num_threads", "null or a positive integer"),
+            (self.eval_every >= 1, "eval_every", "a positive integer"),
+            (self.checkpoint_every_steps >= 0, "checkpoint_every_steps", ">= 0 (0: at epoch ends only)"),
+            (self.teacher_cache_max_gb >= 0, "teacher_cache_max_gb", ">= 0"),
+        ])
+
+
+def _check(obj: Any, path: str, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise a one-line ConfigError for the first failed ``(ok, key, what it must be)`` check."""
+    for ok, key, want in checks:
+        if not ok:
+            raise ConfigError(f"{path}.{key}: must be {want}, got {getattr(obj, key)!r}")
+
+
+def check_schedule(optim: OptimConfig, epochs: int) -> None:
+    """The checks of ``optim`` that depend on the run's length ``train.epochs``: the warm-up is shorter than
+    the run and, for the ``step`` schedule, the milestones increase and fall inside it."""
+    if optim.warmup_epochs >= epochs and optim.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs:g} is not shorter than the run "
+                          f"({epochs} epochs); lower optim.warmup_epochs or raise train.epochs")
+    if optim.schedule != "step":
+        return
+    at = [m * epochs if m < 1 else m for m in optim.milestones]  # in epochs
+    for i, (m, e) in enumerate(zip(optim.milestones, at, strict=True)):
+        if e >= epochs:
+            raise ConfigError(f"optim.milestones[{i}]: {m:g} is not inside the run ({epochs} epochs); use a "
+                              f"fraction < 1 or an epoch < {epochs}, or raise train.epochs")
+        if i and e <= at[i - 1]:
+            raise ConfigError(f"optim.milestones: must increase, got {optim.milestones!r} "
+                              f"(epochs {', '.join(f'{a:g}' for a in at)})")
+
 
 @dataclass
 class ExperimentConfig:
@@ -100,14 +155,12 @@ class ExperimentConfig:
     def method_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.items() if k != "name"}
 
-    def parsed_method_options(self) -> Any | None:
-        """The method's typed options as :func:`build_config` parsed them (None when the config was built
-        another way, or ``method`` changed since): the run uses the object that was validated."""
-        cached = getattr(self, "_parsed_method", None)
-        return cached[1] if cached is not None and cached[0] == self.method else None
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self, path: str = "") -> None:
+        """Checks across sections (each section checked its own values already)."""
+        check_schedule(self.optim, self.train.epochs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,7 +378,6 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
     cls = METHODS.get(str(method["name"]))
     options = from_dict(cls.Config, cfg.method_options(), "method")
     cfg.method = {"name": method["name"], **dataclasses.asdict(options)}
-    cfg._parsed_method = (copy.deepcopy(cfg.method), options)  # an attribute, not a field: never dumped
     if cls.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: method {method['name']!r} needs a teacher section")
     return cfg

@@ -8,7 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class FeatkdError(Exception):
@@ -33,3 +33,15 @@ def did_you_mean(name: str, candidates: Iterable[str], limit: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + ", ".join(repr(c) for c in close) + "?)"
+
+
+def forward_failed(what: str, shape: Sequence[int], exc: BaseException, hint: str = "") -> FeatkdError:
+    """The one-line error for a model's own exception: ``what`` (e.g. ``"student 'nets:Student'"``) failed on
+    an input of ``shape`` with ``exc`` (its type and first line); ``hint`` is appended after ``; ``.
+
+    Every command that runs a user-chosen model reports its failure this way (through
+    :func:`featkd.modes.probe_output`), instead of the model's traceback.
+    """
+    first = (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
+    return FeatkdError(f"{what} fails on an input of shape {tuple(shape)} ({type(exc).__name__}: {first})"
+                       + (f"; {hint}" if hint else ""))

@@ -13,7 +13,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from featkd.config import build_config
 from featkd.engine import runfolder
 from featkd.engine.trainer import Trainer, train
 from featkd.errors import FeatkdError
+from tests.helpers import OutputWatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -218,12 +218,12 @@ def test_sigterm_to_the_cli_stops_with_one_line_and_exit_143(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "featkd", "train", str(config), "--out", str(out)], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in proc.stdout:
-            if line.startswith("epoch 1/"):
-                break
-        time.sleep(0.1)
+        watch = OutputWatcher(proc)
+        # the first epoch's line comes after its checkpoint, while the stop handlers are installed: the signal
+        # lands in epoch 2 (or at its start)
+        watch.wait_for(lambda x: x.startswith("epoch 1/"), "first epoch line")
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = watch.finish(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -55,3 +55,23 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     os.close(write)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.parametrize(("model", "shape", "error"), [
+    ("timm:convnext_atto", (1, 8, 8), "RuntimeError: Calculated padded input size per channel"),  # too small
+    ("vit_tiny_p4", (1, 2, 2), "AssertionError: Wrong image height! Expected 28 but got 2!"),  # another size
+])
+@pytest.mark.parametrize("groups", [False, True])
+def test_a_model_failing_on_the_input_is_one_line_exit_2(capsys, one_thread, model, shape, error, groups):
+    pytest.importorskip(model.split(":")[0] if ":" in model else "torchvision")
+    text = ",".join(map(str, shape))
+    args = (["resnet8", "--groups", "--student", model] if groups else [model]) + ["--input-shape", text]
+    assert main(["layers", *args]) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    role = "student" if groups else "model"
+    assert len(lines) == 1 and lines[0].startswith(
+        f"featkd: error: {role} {model!r} fails on an input of shape (2, {text.replace(',', ', ')}) ({error}"
+    ), out.err
+    assert lines[0].endswith("; try another --input-shape (C,H,W of one example)")
+    assert out.out == ""  # nothing printed before the error (the teacher's groups neither)

@@ -4,14 +4,16 @@ Fashion-MNIST images."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from featkd import Distillation
-from featkd.capture.capture import CapturingModel, preceding_batchnorm
+from featkd.capture.capture import CapturingModel
 from featkd.capture.layouts import Layout, split_point, to_map, token_grid
+from featkd.capture.trace import preceding_batchnorm
 from featkd.cli import main
 from featkd.data import DataConfig, build_data
 from featkd.errors import FeatkdError
@@ -76,10 +78,11 @@ def test_nhwc_maps_are_permuted():
 @pytest.mark.parametrize(("shape", "point", "input_hw", "match"), [
     ((2, 52, 8), "blk:tokens", (28, 28),
      r"^capture point 'blk:tokens': 52 tokens \(shape \(2, 52, 8\)\) are not 0, 1 or 2 leading tokens \+ an h x w "
-     r"patch grid \(h, w >= 2\) of the input's 28:28 aspect; give the number of leading tokens, e\.g\. "
-     r"'blk:tokens=1'$"),
+     r"patch grid \(h, w >= 2\) of the input's 28:28 aspect; give the number of leading tokens: "
+     r"'blk:tokens=3' \(3 \+ 7x7\) or 'blk:tokens=16' \(16 \+ 6x6\) fits$"),
     ((2, 50, 8), "blk:tokens=2", (28, 28), r"^capture point 'blk:tokens=2': 50 tokens .* less 2 leading tokens do "
-                                           r"not form an h x w patch grid of the input's 28:28 aspect$"),
+                                           r"not form an h x w patch grid of the input's 28:28 aspect; "
+                                           r"'blk:tokens=1' \(1 \+ 7x7\) or 'blk:tokens=14' \(14 \+ 6x6\) fits$"),
     ((2, 8, 7, 7), "layer3:tokens", (28, 28), r"':tokens' expects \(B, N, C\) tokens, got shape \(2, 8, 7, 7\)"),
     ((2, 50, 8), "blk:nhwc", (28, 28), r"':nhwc' expects a \(B, H, W, C\) map, got shape \(2, 50, 8\)"),
 ])
@@ -88,6 +91,31 @@ def test_shapes_that_cannot_be_adapted_are_one_line_errors(shape, point, input_h
         _, layout = split_point(point)
         to_map(torch.zeros(shape), layout, point, input_hw)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("n", "point", "input_hw"), [
+    (52, "blk:tokens", (28, 28)),  # 1 + 51 is no square grid: 3 + 7x7 is
+    (53, "blk:tokens", (28, 28)),  # class + 4 register tokens
+    (50, "blk:tokens=2", (28, 28)),
+    (41, "blk:tokens", (28, 56)),  # 1:2 grids: 0 + 5x10 needs 50, 1 + 4x8 = 33 -> 9 leading tokens
+    (40, "blk:tokens=0", (20, 30)),  # 2:3 grids: 6, 24, 54 cells
+    (2, "blk:tokens", (28, 28)),  # only 1 + 1x1
+])
+def test_wrong_token_count_hint_proposes_only_prefixes_that_fit(n, point, input_hw):
+    _, layout = split_point(point)
+    with pytest.raises(FeatkdError) as info:
+        to_map(torch.zeros(2, n, 8), layout, point, input_hw)
+    proposed = [int(p) for p in re.findall(r"'blk:tokens=(\d+)'", str(info.value).split(";", 1)[1])]
+    assert proposed and str(info.value).endswith(" fits"), str(info.value)
+    for prefix in proposed:  # every proposal reads as leading tokens + a grid of the input's aspect
+        out = to_map(torch.zeros(2, n, 8), Layout("tokens", prefix), f"blk:tokens={prefix}", input_hw)
+        h, w = out.shape[2:]
+        assert h * input_hw[1] == w * input_hw[0] and prefix + h * w == n
+
+
+def test_wrong_token_count_hint_says_when_no_prefix_fits():
+    with pytest.raises(FeatkdError, match=r"; no number of leading tokens leaves such a grid of 5 tokens$"):
+        to_map(torch.zeros(2, 5, 8), Layout("tokens", 1), "blk:tokens=1", (20, 30))  # 2:3 grids start at 6
 
 
 # ---- through CapturingModel on torchvision's ViT ----------------------------------------------------------------

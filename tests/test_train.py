@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import yaml
 from featkd.config import build_config
 from featkd.engine.trainer import train
 from featkd.models import create_model
+from tests.helpers import OutputWatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -102,15 +102,12 @@ def test_sigkill_mid_epoch_keeps_an_intact_checkpoint_and_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "featkd", "train", str(cfg), "--out", str(out)],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (out / "metrics.jsonl").exists():
-            assert proc.poll() is None, f"training exited early:\n{proc.stdout.read()[-3000:]}"
-            time.sleep(0.2)
-        assert (out / "metrics.jsonl").exists(), "no epoch finished in time"
-        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        time.sleep(first["epoch_time"] * 0.5)  # somewhere in the middle of a later epoch
+        watch = OutputWatcher(proc)
+        # logged after epoch 1's checkpoint and metrics: the kill lands in a later epoch's steps
+        watch.wait_for(lambda x: x.startswith("epoch 1/"), "first epoch line")
+        assert (out / "metrics.jsonl").exists()
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        watch.finish(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -59,8 +59,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def run(args: argparse.Namespace) -> int:
     import re
 
-    from featkd.capture.capture import list_capture_points
     from featkd.capture.layouts import token_hint
+    from featkd.capture.listing import list_capture_points
     from featkd.config import parse_override
     from featkd.errors import FeatkdError
     from featkd.models import create_model
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         keys, value = parse_override(item)
         options[".".join(keys)] = value
     model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[0], **options)
+    check_forward(model, shape, f"model {args.model!r}")
     if args.groups or args.student:
         return show_groups(args, model, shape)
     try:
@@ -99,6 +100,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_forward(model, shape: tuple[int, int, int], what: str) -> None:
+    """Run ``model`` once on a batch of 2 zero inputs of ``shape``: an exception of the model's own (an input
+    too small for it, too few channels) is one line naming it and the shape, not a traceback from the listing."""
+    import torch
+
+    from featkd.modes import probe_output
+
+    probe_output(model, torch.zeros(2, *shape), what, hint="try another --input-shape (C,H,W of one example)")
+
+
 def per_example(point) -> bool:
     """Whether a listed point is an activation a method can distil: a tensor computed from the input, not a
     size, an assert, a tuple (``shape`` None) or a parameter / buffer read (an fx ``get_attr`` node, no op)."""
@@ -112,11 +123,14 @@ def show_groups(args: argparse.Namespace, model, shape: tuple[int, int, int]) ->
 
     if not args.groups:
         raise FeatkdError("--student is only used with --groups")
+    student = None
+    if args.student:  # checked before anything is printed
+        student = create_model(args.student, num_classes=args.num_classes, in_channels=shape[0])
+        check_forward(student, shape, f"student {args.student!r}")
     groups = find_groups(model, shape)
     print(f"input {'x'.join(map(str, shape))}; candidates in brackets have another shape than the group output")
     print(format_groups(groups, f"{'teacher ' if args.student else ''}{args.model}"))
-    if args.student:
-        student = create_model(args.student, num_classes=args.num_classes, in_channels=shape[0])
+    if student is not None:
         s_groups = find_groups(student, shape)
         print(format_groups(s_groups, f"student {args.student}"))
         print("pairs (student group output <- teacher candidates):")

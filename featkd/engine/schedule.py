@@ -20,7 +20,8 @@ def lr_factor(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[
     total = max(1, epochs * steps_per_epoch)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= total and warmup > 0:
-        raise ConfigError(f"optim.warmup_epochs: {cfg.warmup_epochs} is not shorter than the run ({epochs} epochs)")
+        raise ConfigError(f"optim.warmup_epochs: {cfg.warmup_epochs:g} is not shorter than the run ({epochs} epochs); "
+                          "lower optim.warmup_epochs or raise train.epochs")
     milestones = sorted(
         round((m * epochs if m < 1 else m) * steps_per_epoch) for m in cfg.milestones
     )
