@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +20,10 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "w", *, fsync: bool = 
     files a restart must find whole: checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a fresh name opened exclusively ("x"): unlike mkstemp's 0600, the file gets the umask's permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, mode, newline=newline) as f:
+        with open(tmp, mode.replace("w", "x"), newline=newline) as f:
             yield f
             if fsync:
                 f.flush()

@@ -606,12 +606,13 @@ def test_match_cli_writes_json_and_heatmaps_and_keeps_existing_output(tmp_path, 
 
 
 def test_missing_matplotlib_is_a_one_line_error(monkeypatch, tmp_path):
-    from featkd.methods.mgd.report import require_pyplot
+    from featkd.methods.mgd.report import HEATMAPS
+    from featkd.plotting import require_pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(FeatkdError, match=r"need matplotlib: pip install matplotlib"):
-        require_pyplot()
+        require_pyplot(HEATMAPS, "pass --no-plots")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*-mgd-*.yaml")), ids=lambda p: p.stem)

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.errors import ConfigError, FeatkdError
     from featkd.methods.kda.distiller import KDA, kda_loss
     from featkd.methods.kda.landmarks import kernel_diagnostics
+    from featkd.plotting import require_pyplot
 
     if args.n < 2:
         raise FeatkdError(f"--n {args.n}: need at least 2 examples")
@@ -86,13 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.force:
         raise FeatkdError(f"{existing[0]} exists; pass --force to overwrite it or choose another --out")
     if not args.no_plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise FeatkdError("the plot needs matplotlib (pip install matplotlib), or pass --no-plot") from None
+        plt = require_pyplot("the kernel plots", "pass --no-plot")
 
     overrides = [*args.overrides, f"train.device={args.device}", f"train.seed={args.seed}"]
     cfg = load_config(args.config, overrides)

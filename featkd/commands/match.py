@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from featkd.engine.build import build_run
     from featkd.errors import FeatkdError
     from featkd.methods.mgd.distiller import MatchingGuidedDistiller
-    from featkd.methods.mgd.report import require_pyplot, write_report
+    from featkd.methods.mgd.report import HEATMAPS, write_report
+    from featkd.plotting import require_pyplot
 
     overrides = list(args.overrides)
     for value, key in ((args.images, "method.stats_images"), (args.seed, "train.seed"),
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "matching.json").exists() and not args.force:
         raise FeatkdError(f"{out / 'matching.json'} exists; choose another --out or pass --force")
     if not args.no_plots:
-        require_pyplot()  # fail before the (long) statistics pass if matplotlib is missing
+        require_pyplot(HEATMAPS, "pass --no-plots")  # fail before the (long) statistics pass if matplotlib is missing
     main = os.environ.get("RANK", "0") == "0"
     run = build_run(cfg, log=print if main else (lambda _m: None))
     distiller = run.distiller

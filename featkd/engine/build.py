@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from featkd.capture.capture import CapturingModel
+from featkd.capture.points import expand_entry_pairs
 from featkd.config import ExperimentConfig, ModelConfig, from_dict
 from featkd.data import DataBundle, build_data
 from featkd.distributed import DistInfo, init_distributed
@@ -29,9 +30,9 @@ from featkd.engine import checkpoint as ckpt
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import METHODS
 from featkd.methods.base import BuildContext, Distiller, DistillerConfig, RunContext
-from featkd.methods.common import expand_entry_pairs
 from featkd.models import create_model
 from featkd.models.zoo import resolve_weights
+from featkd.modes import eval_mode, probe_output
 from featkd.tasks import Task, task_for
 
 #: device types on which ``train.sync_batchnorm`` converts BatchNorm to SyncBatchNorm (torch's SyncBatchNorm
@@ -94,15 +95,11 @@ class Run:
         if loader is None:
             raise FeatkdError("split val: this config has no validation split (data.val_fraction is 0)")
         evaluator = self.task.evaluator(self.device)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for x, y in loader:
                 with self.autocast():
                     output = model(self.prepare_input(x))
                 evaluator.update(self.task.logits(output), y)
-        finally:
-            model.train(was_training)
         evaluator.reduce(self.dist)  # every rank: sums all-reduced, or (detection) predictions gathered
         return evaluator.result()
 
@@ -119,27 +116,6 @@ def build_model(spec: ModelConfig, data: DataBundle, role: str) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def probe_output(model: nn.Module, example: Tensor, what: str = "") -> Any:
-    """The raw output of ``model`` on ``example`` in eval mode (train/eval mode restored after).
-
-    With ``what`` (e.g. ``"student 'nets:Student'"``), a forward that raises becomes a one-line
-    :class:`FeatkdError` naming it and the input shape (a user's model that expects other inputs).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        return model(example)
-    except Exception as exc:
-        if not what:
-            raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise FeatkdError(f"{what} fails on an input of shape {tuple(example.shape)} "
-                          f"({type(exc).__name__}: {first})") from None
-    finally:
-        model.train(was_training)
-
-
 def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> None:
     if method_cls.tasks is not None and task.name not in method_cls.tasks:
         usable = sorted(m for m in METHODS if METHODS.get(m).tasks is None or task.name in METHODS.get(m).tasks)
@@ -147,13 +123,11 @@ def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> No
                           f"({method_cls.task_reason}); for {task.name} use one of: {', '.join(usable)}")
 
 
-def method_options(name: str, options: Mapping[str, Any], task: Task,
-                   parsed: DistillerConfig | None = None) -> tuple[type[Distiller], DistillerConfig]:
-    """The class of method ``name`` and its typed options (checked key by key, errors name ``method.KEY``;
-    ``parsed``: options already parsed from ``options``, as :func:`~featkd.config.build_config` keeps them),
+def method_options(name: str, options: Mapping[str, Any], task: Task) -> tuple[type[Distiller], DistillerConfig]:
+    """The class of method ``name`` and its typed options (checked key by key, errors name ``method.KEY``),
     after checking that the method is defined for ``task``."""
     method_cls = METHODS.get(name)
-    typed = parsed if parsed is not None else from_dict(method_cls.Config, options, "method")
+    typed = from_dict(method_cls.Config, options, "method")
     _check_method_task(method_cls, name, task)
     if not task.logit_kd and getattr(typed, "kd_weight", 0.0):
         raise ConfigError(f"method.kd_weight: {task.name} has no logit-level KD term; set it to 0 and distil "
@@ -218,7 +192,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
 
     data = build_data(cfg.data)
     task = task_for(data)
-    method_cls, options = method_options(cfg.method_name, cfg.method_options(), task, cfg.parsed_method_options())
+    method_cls, options = method_options(cfg.method_name, cfg.method_options(), task)
     example = torch.zeros(2, *data.input_shape, device=device)
     teacher = None
     if method_cls.needs_teacher:

@@ -17,9 +17,7 @@ Weights to load into a model (a config's ``checkpoint:``) may be a run folder (i
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +26,19 @@ import torch
 from torch import nn
 
 from featkd.errors import FeatkdError
+from featkd.files import atomic_file
 
 FORMAT = "featkd-checkpoint"
 VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` to ``path`` atomically and fsync'ed (:func:`featkd.files.atomic_file`).
 
     A reader (or a run killed mid-write) sees either the old file or the complete new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def load_file(path: str | Path, what: str = "checkpoint") -> Any:

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from featkd.files import atomic_file, atomic_write_text
+
 
 class MetricsWriter:
     """Writes one record per epoch to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard if installed).
@@ -32,16 +34,14 @@ class MetricsWriter:
         if self.out_dir is None or not history:
             return
         lines = "".join(json.dumps(rec, sort_keys=False) + "\n" for rec in history)
-        _write_text(self.out_dir / "metrics.jsonl", lines)
+        atomic_write_text(self.out_dir / "metrics.jsonl", lines)
         keys: list[str] = []
         for rec in history:
             keys.extend(k for k in rec if k not in keys)
-        tmp = self.out_dir / ".metrics.csv.tmp"
-        with tmp.open("w", newline="") as f:
+        with atomic_file(self.out_dir / "metrics.csv", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
-        tmp.replace(self.out_dir / "metrics.csv")
         if self._tb is not None:
             last = history[-1]
             for key, value in last.items():
@@ -52,17 +52,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def progress(iterable: Iterable, total: int, desc: str, mode: str | bool, enabled: bool) -> Iterator:

@@ -26,16 +26,17 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from featkd.engine import checkpoint as ckpt
-from featkd.errors import FeatkdError
+from featkd.errors import ConfigError, FeatkdError
+from featkd.files import atomic_file
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -45,6 +46,13 @@ except ImportError:  # pragma: no cover - Windows
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 LOCK = "run.lock"
+
+#: config keys that may change when a run is resumed (everything else must match the checkpoint)
+RESUMABLE_CHANGES = {
+    "train.epochs", "train.stop_after", "train.progress", "train.tensorboard", "train.device", "train.num_threads",
+    "train.eval_every", "train.checkpoint_every_steps", "data.num_workers", "data.data_dir",
+    "data.eval_batch_size", "name", "train.teacher_cache", "train.teacher_cache_max_gb",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,36 +122,32 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_previous: b
     before becomes ``previous_path(path)`` (atomically too). On failure (``OSError``: no space, a file-size
     limit) the temporary file is removed and both files are as they were; the error propagates."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**state, "checksum": payload_digest(state)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    link = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            out = _Writes(f)
-            try:
-                torch.save(payload, out)
-            except Exception:
-                if out.error is not None:  # torch reports a failed write as a RuntimeError about positions
-                    raise out.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_file(path, "wb", fsync=True) as f:
+        out = _Writes(f)
+        try:
+            torch.save(payload, out)
+        except Exception:
+            if out.error is not None:  # torch reports a failed write as a RuntimeError about positions
+                raise out.error from None
+            raise
         if keep_previous and path.is_file():
-            link = path.with_name(f".{path.name}.prev.tmp")
-            link.unlink(missing_ok=True)
-            try:
-                os.link(path, link)  # no copy, no extra space
-            except OSError:  # a file system without hard links
-                shutil.copy2(path, link)
-            os.replace(link, previous_path(path))
-            link = None
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            _keep_as_previous(path)
+    _fsync_dir(path.parent)
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Make the file at ``path`` also ``previous_path(path)``, atomically (a hard link renamed into place)."""
+    link = path.with_name(f".{path.name}.prev.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, link)  # no copy, no extra space
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, link)
+        os.replace(link, previous_path(path))
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        if link is not None:
-            link.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)
         raise
 
 
@@ -278,3 +282,63 @@ class RunLock:
     def __del__(self) -> None:  # a Trainer that is dropped without fit() still frees its folder
         with contextlib.suppress(Exception):
             self.release()
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dicts (``method`` compared as one value)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        path = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict) and k != "method":
+            keys += config_differences(a, b, path + ".")
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from."""
+
+    state: dict[str, Any]
+    path: Path  # last.pt, or last.prev.pt when last.pt was unreadable
+    rotate: bool  # keep the file being replaced as last.prev.pt (not when last.pt was found corrupt)
+    saved_at: str  # where it stands, for messages (describe())
+
+
+def check_run_folder(out_dir: Path | None, resume: bool | str, config: dict[str, Any], lock: RunLock | None,
+                     warn: Callable[[str], None]) -> ResumePoint | None:
+    """Decide, before anything is built or written, what a run may do with ``out_dir``.
+
+    ``resume``: True (continue from ``last.pt``, else ``last.prev.pt``; missing is an error), ``"auto"`` (the
+    same when a checkpoint exists, else a fresh start) or False (a folder already holding a run is an error).
+    ``config``: the new run's config as a dict; it may differ from the checkpoint's only in
+    :data:`RESUMABLE_CHANGES`. ``lock``: checked (a live run holding the folder is an error) when given; rank 0
+    passes it, other ranks None. ``warn``: where the fallback to ``last.prev.pt`` is reported.
+    Returns the checkpoint to resume from, or None for a fresh start.
+    """
+    if resume not in (False, True, "auto"):
+        raise FeatkdError(f"resume: expected true, false or 'auto', got {resume!r}")
+    if out_dir is None:
+        if resume:
+            raise FeatkdError("--resume needs --out DIR (the run folder holding last.pt)")
+        return None
+    if lock is not None:
+        lock.check()  # a live run holds the folder: refuse before anything is built or written
+    last = out_dir / LAST
+    if not resume:
+        if last.exists() or previous_path(last).exists():
+            raise FeatkdError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it "
+                              "or choose another --out")
+        return None
+    found = load_resumable(out_dir, warn)
+    if found is None:
+        if resume == "auto":
+            return None
+        raise FeatkdError(f"cannot resume: {last} not found")
+    state, path = found
+    changed = [k for k in config_differences(state["config"], config) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed[:5])}")
+    return ResumePoint(state, path, path == last, describe(state))

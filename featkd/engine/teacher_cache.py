@@ -51,10 +51,8 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +62,7 @@ from torch import Tensor
 
 from featkd.engine import runfolder
 from featkd.errors import ConfigError, FeatkdError
+from featkd.files import atomic_file
 
 if TYPE_CHECKING:
     from featkd.engine.build import Run
@@ -355,12 +354,6 @@ class TeacherCache:
         if path.is_file():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".key.json.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.ingredients, f, indent=2, sort_keys=True, default=str)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as f:
+            json.dump(self.ingredients, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")

@@ -40,19 +40,13 @@ from featkd.distributed import gather_objects
 from featkd.engine import checkpoint as ckpt
 from featkd.engine import runfolder
 from featkd.engine.build import build_run
-from featkd.engine.logging import MetricsWriter, format_epoch, progress, write_json
+from featkd.engine.logging import MetricsWriter, format_epoch, progress
 from featkd.engine.schedule import lr_factor
 from featkd.engine.step import TrainStep, teacher_outputs
 from featkd.engine.teacher_cache import open_teacher_cache
 from featkd.errors import ConfigError, DivergenceError, FeatkdError
+from featkd.files import atomic_write_json
 from featkd.methods.base import RunContext
-
-#: config keys that may change when a run is resumed (everything else must match the checkpoint)
-RESUMABLE_CHANGES = {
-    "train.epochs", "train.stop_after", "train.progress", "train.tensorboard", "train.device", "train.num_threads",
-    "train.eval_every", "train.checkpoint_every_steps", "data.num_workers", "data.data_dir",
-    "data.eval_batch_size", "name", "train.teacher_cache", "train.teacher_cache_max_gb",
-}
 
 #: signals that stop a run cleanly (SLURM sends SIGUSR1 before its kill when asked to, schedulers SIGTERM):
 #: the step in progress finishes, a mid-epoch last.pt is written, one line is printed, and ``featkd train``
@@ -115,18 +109,6 @@ def _warn(message: str) -> None:
     print(f"featkd: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        path = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict) and k != "method":
-            keys += _config_differences(a, b, path + ".")
-        elif a != b:
-            keys.append(path)
-    return keys
-
-
 class Trainer:
     """Trains ``cfg.student`` with ``cfg.method``; see the module docstring for one step's data flow.
 
@@ -151,7 +133,13 @@ class Trainer:
         self._saved_at: str | None = None  # where the folder's last.pt stands (for error messages)
         self._stop_signal = 0  # set by a stop signal's handler (this rank)
         self._stop_agreed = False  # some rank got one: all-reduced with the finite check of every step
-        resume_state = self._check_out_dir(resume)
+        main = os.environ.get("RANK", "0") == "0"  # no process group yet; rank 0 alone locks and warns
+        found = runfolder.check_run_folder(self.out_dir, resume, cfg.to_dict(), self._lock if main else None,
+                                           _warn if main else lambda _m: None)
+        resume_state = None
+        if found is not None:
+            resume_state, self._resumed_from = found.state, found.path
+            self._rotate, self._saved_at = found.rotate, found.saved_at
         self.run = run = build_run(cfg, log)
         self.log = run.log
         self.dist, self.device, self.amp, self.data, self.task = run.dist, run.device, run.amp, run.data, run.task
@@ -204,35 +192,6 @@ class Trainer:
             self.writer = MetricsWriter(self.out_dir, tc.tensorboard, self.log)
 
     # ---- set-up helpers ---------------------------------------------------------------------------------
-    def _check_out_dir(self, resume: bool | str) -> dict | None:
-        if resume not in (False, True, "auto"):
-            raise FeatkdError(f"resume: expected true, false or 'auto', got {resume!r}")
-        if self.out_dir is None:
-            if resume:
-                raise FeatkdError("--resume needs --out DIR (the run folder holding last.pt)")
-            return None
-        main = os.environ.get("RANK", "0") == "0"  # no process group yet; rank 0 alone locks and warns
-        if main:
-            self._lock.check()  # a live run holds the folder: refuse before anything is built or written
-        last = self.out_dir / runfolder.LAST
-        if resume:
-            found = runfolder.load_resumable(self.out_dir, _warn if main else lambda _m: None)
-            if found is None:
-                if resume == "auto":
-                    return None
-                raise FeatkdError(f"cannot resume: {last} not found")
-            state, path = found
-            changed = [k for k in _config_differences(state["config"], self.cfg.to_dict())
-                       if k not in RESUMABLE_CHANGES]
-            if changed:
-                raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed[:5])}")
-            self._resumed_from, self._rotate, self._saved_at = path, path == last, runfolder.describe(state)
-            return state
-        if last.exists() or runfolder.previous_path(last).exists():
-            raise FeatkdError(f"{self.out_dir} already holds a run (last.pt); pass --resume to continue it "
-                              "or choose another --out")
-        return None
-
     def _make_optimizer(self, params: list, extra: list) -> torch.optim.Optimizer:
         oc = self.cfg.optim
         groups = [{"params": params}] + ([{"params": extra}] if extra else [])
@@ -568,7 +527,7 @@ class Trainer:
                 summary["message"] = message
             if self.teacher_cache.summary() is not None:
                 summary["teacher_cache"] = self.teacher_cache.summary()  # rank 0's reads and teacher steps
-            write_json(self.out_dir / "summary.json", summary)
+            atomic_write_json(self.out_dir / "summary.json", summary, indent=2)
         return result
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from featkd.capture.capture import CapturingModel
 from featkd.distributed import DistInfo
 from featkd.errors import FeatkdError
+from featkd.modes import eval_mode
 from featkd.tasks import ClassificationTask, Task
 from featkd.tasks.classification import hinton_kd_loss  # noqa: F401  (public here since 0.1)
 
@@ -97,9 +98,7 @@ class BuildContext:
         if model is None:
             raise FeatkdError(f"this method needs a {role}")
         example = torch.zeros(2, *self.input_shape, device=self.device)
-        capture = CapturingModel(model, points, example)
-        capture.remove_hooks()
-        return capture.shapes
+        return CapturingModel(model, points, example).shapes
 
 
 @dataclass
@@ -141,16 +140,12 @@ class RunContext:
         every point lies there, not its heads and post-processing). The student's train/eval mode is restored.
         """
         forward = (self.task or ClassificationTask(1)).forward_teacher
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with eval_mode(self.student):
             for x, y in loader:
                 with self.autocast():
                     t_out = forward(self.teacher_capture, x) if self.teacher_capture is not None else None
                     s_out = forward(self.student_capture, x)
                 yield x, y, t_out, s_out
-        finally:
-            self.student.train(was_training)
 
 
 class Distiller(nn.Module):

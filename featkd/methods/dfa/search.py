@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -53,7 +52,9 @@ from torch import Tensor, nn
 from featkd.capture.capture import CapturingModel
 from featkd.capture.graph_tail import GraphTail
 from featkd.errors import ConfigError, FeatkdError
+from featkd.files import atomic_write_text
 from featkd.methods.common import conv1x1_connector, resize_like
+from featkd.plotting import require_pyplot
 
 ALPHA_FORMAT = "featkd-dfa-alpha"
 ALPHA_VERSION = 1
@@ -210,10 +211,7 @@ class BridgeSearch:
                  autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.cfg, self.pairs, self.autocast = cfg, list(pairs), autocast
         self.teacher_features = teacher_features
-        self.student = copy.deepcopy(student)
-        for m in self.student.modules():  # the copy must not fire the trainer's capture hooks
-            m._forward_hooks.clear()
-            m._forward_pre_hooks.clear()
+        self.student = copy.deepcopy(student)  # captures hook a model only while they run: the copy has none
         self.student.train().requires_grad_(True)
         points = [p.student_point for p in self.pairs]
         self.capture = CapturingModel(self.student, points, example)
@@ -458,17 +456,11 @@ def alpha_record(pairs: Sequence[GroupPair], alphas: Sequence[Tensor], betas: Se
     return {"format": ALPHA_FORMAT, "version": ALPHA_VERSION, "groups": groups, **meta}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_alpha(path: str | Path, record: dict[str, Any]) -> Path:
     """Write an alpha record as JSON (atomically). Python floats round-trip exactly through JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return path
 
 
@@ -503,13 +495,7 @@ def load_alpha(path: str | Path, pairs: Sequence[GroupPair] | None = None,
 
 def save_heatmap(path: str | Path, pairs: Sequence[GroupPair], alphas: Sequence[Tensor], title: str = "") -> Path:
     """The paper's figure: alpha as a (group x candidate) heatmap PNG. Needs matplotlib (optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FeatkdError("the alpha heatmap needs matplotlib: pip install matplotlib") from None
+    plt = require_pyplot("the alpha heatmaps")
     n = max(len(a) for a in alphas)
     grid = torch.full((len(alphas), n), float("nan"))
     for i, a in enumerate(alphas):

@@ -22,24 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featkd.errors import FeatkdError
+from featkd.files import atomic_write_text
 from featkd.methods.mgd.matching import Matching
+from featkd.plotting import require_pyplot
+
+HEATMAPS = "the matching heatmaps"  # what needs matplotlib here
 
 if TYPE_CHECKING:
     from featkd.methods.mgd.distiller import MatchingGuidedDistiller
-
-
-def require_pyplot():  # -> the matplotlib.pyplot module
-    """pyplot on the file-only Agg backend; a missing matplotlib is a one-line error (before any long pass)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; never open a window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FeatkdError("the matching heatmaps need matplotlib: pip install matplotlib "
-                          "(or pass --no-plots)") from None
-    return plt
 
 
 def plot_matching(cost: np.ndarray, matching: Matching, path: str | Path, title: str = "") -> Path:
@@ -48,7 +38,7 @@ def plot_matching(cost: np.ndarray, matching: Matching, path: str | Path, title:
     Teacher channels (columns) are ordered by their student channel so the groups appear as runs along
     the diagonal; the tick labels keep the original indices for small matrices.
     """
-    plt = require_pyplot()
+    plt = require_pyplot(HEATMAPS, "pass --no-plots")
     sc, tc = cost.shape
     s_idx, t_idx = matching.pairs()
     owner = np.full(tc, sc, dtype=np.int64)  # ignored teacher channels go last
@@ -95,8 +85,6 @@ def write_report(out_dir: str | Path, distiller: MatchingGuidedDistiller, plots:
                      f"mean cost {row['mean_cost']:.4f}")
             written.append(plot_matching(cost, distiller.matching(i), out / f"stage{i}.png", title))
     path = out / "matching.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # one line per stage
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    atomic_write_text(path, "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n")  # a line a stage
     written.insert(0, path)
     return written
