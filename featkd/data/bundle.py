@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,17 +27,10 @@ from torch import Tensor
 
 from featkd.data.augment import AugmentSpec
 from featkd.data.config import DATASETS, DataConfig
-from featkd.data.loaders import (
-    Device,
-    InMemoryBackend,
-    Loader,
-    Normalizer,
-    SeededTransformDataset,
-    TensorSplit,
-    folder_eval_loader,
-    folder_train_loader,
-)
+from featkd.data.images import open_image
+from featkd.data.loaders import Device, InMemoryBackend, Loader, Normalizer, TensorSplit
 from featkd.data.splits import split_train
+from featkd.data.streaming import OnImage, StreamDataset, stack_pairs, stream_eval_loader, stream_train_loader
 from featkd.errors import ConfigError, FeatkdError
 
 # --------------------------------------------------------------------------------------------------------
@@ -96,28 +90,47 @@ class LoaderBackend(Protocol):
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None: ...
 
 
-class FolderBackend:
-    """The loader factories of a :class:`FolderSource`: the training samples of ``train_view`` (seeded random
-    transform per sample), the held-out ``val_view`` and the whole test set (eval transform)."""
+class FolderRead:
+    """Sample ``j`` of a torchvision ``ImageFolder``: ``(RGB PIL image, class id)``; a bad file is a one-line
+    DataError naming it (torchvision's own loader would raise PIL's exception from the worker)."""
 
-    def __init__(
-        self, src: FolderSource, train_view: Tensor, val_view: Tensor | None, norm: Normalizer, workers: int
-    ) -> None:
-        self.src, self.norm, self.workers = src, norm, workers
+    def __init__(self, folder: Any, name: str) -> None:
+        self.samples, self.name = folder.samples, name
+
+    def __call__(self, j: int) -> tuple[Any, int]:
+        path, label = self.samples[j]
+        return open_image(Path(path), self.name).convert("RGB"), label
+
+
+class FolderBackend:
+    """The loader factories of a :class:`FolderSource` (streamed, :mod:`featkd.data.streaming`): the training
+    samples of ``train_view`` (seeded random transform per sample), the held-out ``val_view`` and the whole
+    test set (eval transform)."""
+
+    def __init__(self, src: FolderSource, train_view: Tensor, val_view: Tensor | None, norm: Normalizer,
+                 workers: int, name: str, skip_bad: bool = False) -> None:
+        self.src, self.norm, self.workers, self.skip_bad = src, norm, workers, skip_bad
+        self.read = {"train": FolderRead(src.train, name), "test": FolderRead(src.test, name)}
         self.views = {"train": train_view.tolist(), "test": list(range(len(src.test)))}
         self.views["val"] = None if val_view is None else val_view.tolist()
 
+    def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.norm(x), y.long()
+
     def train_loader(self, batch_size: int, *, seed: int, **kw: Any) -> Loader:
-        ds = SeededTransformDataset(self.src.train, self.views["train"], self.src.train_transform, seed)
-        return folder_train_loader(ds, self.norm, batch_size, seed=seed, num_workers=self.workers, **kw)
+        ds = StreamDataset(self.read["train"], self.views["train"], OnImage(self.src.train_transform), seed=seed,
+                           skip_bad=self.skip_bad)
+        return stream_train_loader(ds, stack_pairs, self._finish, batch_size, seed=seed, num_workers=self.workers,
+                                   **kw)
 
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
         view = self.views[split]
         if view is None:
             return None
-        base = self.src.test if split == "test" else self.src.train
-        ds = SeededTransformDataset(base, view, self.src.eval_transform)
-        return folder_eval_loader(ds, self.norm, batch_size, indices=indices, num_workers=self.workers, **kw)
+        ds = StreamDataset(self.read["test" if split == "test" else "train"], view, OnImage(self.src.eval_transform),
+                           skip_bad=self.skip_bad)
+        return stream_eval_loader(ds, stack_pairs, self._finish, batch_size, indices=indices,
+                                  num_workers=self.workers, **kw)
 
 
 @dataclass
@@ -144,6 +157,7 @@ class DataBundle:
     ignore_index: int = 255  # label of unlabelled pixels (segmentation only)
     class_names: tuple[str, ...] = ()
     masks: bool = False  # detection targets hold instance masks
+    storage: str = "in memory"  # where the samples live, as the run's first line states it
     backend: LoaderBackend = field(kw_only=True, repr=False, compare=False)  # makes the loaders
 
     def train_loader(
@@ -211,8 +225,26 @@ class DataBundle:
             classes += f" ({self.task}{', with masks' if self.masks else ''})"
         return (
             f"{self.name}: train {self.train_size}, val {self.val_size}, test {self.test_size}; "
-            f"input {c}x{h}x{w}, {classes}; train augmentation: {self.augmentation}"
+            f"input {c}x{h}x{w}, {classes}; train augmentation: {self.augmentation}; {self.storage}"
         )
+
+
+def choose_storage(cfg: DataConfig, images: int, decoded_bytes: float, one_size: bool) -> tuple[bool, str]:
+    """``(in memory?, why)`` for a data set of ``images`` images (all splits) whose decoded uint8 pixels take
+    about ``decoded_bytes``: ``data.storage`` memory / stream as asked; auto keeps a set in memory when it fits
+    in ``data.memory_limit_gb`` and its images share one size (or ``data.image_size`` resizes them), else
+    streams it. ``why`` is the phrase the run's first line shows."""
+    gib = decoded_bytes / 2**30
+    if cfg.storage == "memory":
+        return True, f"in memory ({gib:.2f} GiB, data.storage: memory)"
+    if cfg.storage == "stream":
+        return False, f"streamed from disk ({cfg.num_workers} workers, data.storage: stream)"
+    if gib > cfg.memory_limit_gb:
+        return False, (f"streamed from disk ({cfg.num_workers} workers): {images} images, about {gib:.1f} GiB "
+                       f"decoded, over data.memory_limit_gb {cfg.memory_limit_gb:g}")
+    if not one_size:
+        return False, f"streamed from disk ({cfg.num_workers} workers): the images differ in size"
+    return True, f"in memory ({gib:.2f} GiB decoded, under data.memory_limit_gb {cfg.memory_limit_gb:g})"
 
 
 def train_augment(cfg: DataConfig, crop_padding: int, hflip: bool) -> AugmentSpec:
@@ -287,5 +319,7 @@ def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
         augmentation=src.augmentation,
         mean=norm.mean,
         std=norm.std,
-        backend=FolderBackend(src, train_idx, val_idx, norm, cfg.num_workers),
+        storage=f"streamed from disk ({cfg.num_workers} workers)",
+        backend=FolderBackend(src, train_idx, val_idx, norm, cfg.num_workers, cfg.dataset,
+                              cfg.bad_files == "skip"),
     )

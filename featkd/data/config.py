@@ -122,6 +122,14 @@ class DataConfig:
     scale_jitter: list[float] | None = None  # detection sets: [lo, hi] resizes each training image by a factor
     # drawn log-uniformly in [lo, hi], then crops / zero-pads it back, boxes and masks alike (featkd.data.detection)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
+    # ---- where the samples live (featkd.data.streaming) ----
+    storage: Literal["auto", "memory", "stream"] = "auto"  # memory: decoded once at build; stream: read per
+    # sample in DataLoader workers; auto: memory when the decoded images fit in memory_limit_gb and share one
+    # size (or data.image_size is set), else stream (classification's imagefolder always streams)
+    memory_limit_gb: float = 2.0  # auto's threshold: decoded uint8 images of all splits, in GiB
+    bad_files: Literal["error", "skip"] = "error"  # a bad image or mask met while streaming: stop with one
+    # line naming it, or skip it (training: the next readable sample instead; evaluation: left out) and list
+    # it in the run folder's skipped_files.txt
 
     def validate(self, path: str = "data") -> None:
         """Check the values (called by the config loader and by :func:`~featkd.data.bundle.build_data`);
@@ -139,6 +147,9 @@ class DataConfig:
             (_valid_size(self.image_size), "image_size", "null, a positive integer or [H, W]"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
             (_valid_range(self.scale_jitter), "scale_jitter", "null or [lo, hi] with 0 < lo <= hi"),
+            (self.storage in ("auto", "memory", "stream"), "storage", "auto, memory or stream"),
+            (self.memory_limit_gb >= 0, "memory_limit_gb", ">= 0"),
+            (self.bad_files in ("error", "skip"), "bad_files", "error or skip"),
         ]
         for ok, key, want in checks:
             if not ok:

@@ -13,9 +13,10 @@ Every loader follows the :class:`Loader` protocol. ``batch_size`` is always the 
 
 Labels are class ids (B,) for classification or masks (B, H, W) for segmentation, both int64 on the device.
 
-The in-memory loaders also record, in ``batch_indices``, the (B,) int64 indices into their split of the batch
-they yielded last (set before each yield, on the device); iteration stays ``(x, y)``. A loader without the
-attribute (the DataLoader-backed ones) cannot serve methods that need them (``Distiller.needs_indices``).
+Every loader also records, in ``batch_indices``, the (B,) int64 indices into its split of the batch it
+yielded last (set before each yield, on the device); iteration stays ``(x, y)`` (methods with a per-sample
+memory read them: ``Distiller.needs_indices``). The loaders of data read from disk per sample are in
+:mod:`featkd.data.streaming`.
 In-memory masks are stored as uint8 (values ``0..num_classes-1`` or the ignore index, so at most 255
 classes) and widened per batch; train augmentation crops and flips a mask exactly like its image and pads it
 with the ignore index (:func:`featkd.data.augment.crop_flip_masks`).
@@ -30,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, crop_flip_masks, draw_params, mix_seed
+from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, crop_flip_masks, draw_params
 from featkd.errors import FeatkdError
 
 Device = str | torch.device
@@ -274,141 +275,3 @@ class InMemoryBackend:
         if data is None:
             return None
         return InMemoryEvalLoader(data, self.norm, batch_size, indices=indices, **kw)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loaders over datasets read from disk per sample (imagefolder), through a torch DataLoader.
-
-
-class _TrainBatches:
-    """Batch sampler with the training semantics above; yields lists of ``(sample index, epoch)`` keys so
-    the dataset can seed its random transform per (seed, epoch, sample index)."""
-
-    def __init__(self, n: int, batch: int, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
-        self.n, self.batch, self.seed, self.rank, self.world_size = n, batch, seed, rank, world_size
-        self.epoch = 0
-        per_rank = math.ceil(n / world_size)
-        self.num_batches = _split_batches(per_rank, batch, drop_last)
-        self.num_samples = min(per_rank, self.num_batches * batch)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        idx = train_shard_indices(
-            self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
-        ).tolist()
-        for b in range(self.num_batches):
-            yield [(i, self.epoch) for i in idx[b * self.batch : (b + 1) * self.batch]]
-
-
-class _EvalBatches:
-    def __init__(self, indices: Tensor, batch: int, rank: int, world_size: int) -> None:
-        self.indices = eval_shard_indices(indices, rank=rank, world_size=world_size).tolist()
-        self.batch = batch
-        self.num_samples = len(self.indices)
-        self.num_batches = _split_batches(self.num_samples, batch, drop_last=False)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.num_batches):
-            yield self.indices[b * self.batch : (b + 1) * self.batch]
-
-
-class SeededTransformDataset(torch.utils.data.Dataset):
-    """``base[view[i]]`` through ``transform``; when indexed by ``(i, epoch)`` the transform's random draws
-    (torch's global RNG, forked so the caller's state is untouched) are seeded from (seed, epoch, i)."""
-
-    def __init__(self, base: Any, view: Sequence[int], transform: Any, seed: int = 0) -> None:
-        self.base, self.view, self.transform, self.seed = base, list(view), transform, seed
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
-        if isinstance(key, tuple):
-            i, epoch = key
-            image, label = self.base[self.view[i]]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed(self.seed, epoch, i))
-                return self.transform(image), label
-        image, label = self.base[self.view[key]]
-        return self.transform(image), label
-
-
-class DataLoaderAdapter:
-    """A torch DataLoader over uint8 images, as a :class:`Loader` (normalised, on ``device``)."""
-
-    def __init__(
-        self,
-        dataset: torch.utils.data.Dataset,
-        batches: _TrainBatches | _EvalBatches,
-        normalize: Normalizer,
-        *,
-        device: Device,
-        num_workers: int,
-    ) -> None:
-        self.device = canonical_device(device)
-        self.batches, self.normalize = batches, normalize
-        self.num_samples = batches.num_samples
-        self.batch_size = batches.batch
-        pin = self.device.type == "cuda"
-        # own generator: iterating must not consume the global RNG (the per-sample seeds make the rest moot)
-        self._loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=num_workers,
-            pin_memory=pin,
-            generator=torch.Generator().manual_seed(0),
-        )
-        self._non_blocking = pin
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.batches, _TrainBatches):
-            self.batches.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self._loader:
-            x = x.to(self.device, non_blocking=self._non_blocking)
-            y = y.to(self.device, non_blocking=self._non_blocking)
-            yield self.normalize(x), y.long()
-
-
-def folder_train_loader(
-    dataset: SeededTransformDataset,
-    normalize: Normalizer,
-    batch_size: int,
-    *,
-    seed: int,
-    rank: int,
-    world_size: int,
-    device: Device,
-    drop_last: bool,
-    num_workers: int,
-) -> DataLoaderAdapter:
-    batch = per_rank_batch(batch_size, world_size, rank)
-    batches = _TrainBatches(len(dataset), batch, seed, rank, world_size, drop_last)
-    return DataLoaderAdapter(dataset, batches, normalize, device=device, num_workers=num_workers)
-
-
-def folder_eval_loader(
-    dataset: SeededTransformDataset,
-    normalize: Normalizer,
-    batch_size: int,
-    *,
-    indices: Tensor | None,
-    rank: int,
-    world_size: int,
-    device: Device,
-    num_workers: int,
-) -> DataLoaderAdapter:
-    batch = per_rank_batch(batch_size, world_size, rank)
-    if indices is None:
-        indices = torch.arange(len(dataset))
-    batches = _EvalBatches(indices, batch, rank, world_size)
-    return DataLoaderAdapter(dataset, batches, normalize, device=device, num_workers=num_workers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Run:
     teacher_capture: CapturingModel | None
     student_capture: CapturingModel
     log: Callable[[str], None] = print
+    #: "reason" lines of the bad files the evaluation loaders skipped (data.bad_files: skip), not yet written
+    skipped_files: list[str] = field(default_factory=list)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when the run uses it (``train.amp``), else nothing."""
@@ -65,9 +67,10 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def prepare_input(self, x: Tensor) -> Tensor:
-        """A batch as the models expect it (channels-last when ``train.channels_last``)."""
-        if self.cfg.train.channels_last and x.ndim == 4:
+    def prepare_input(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """A batch as the models expect it (channels-last when ``train.channels_last``); a list of images of
+        different sizes (streamed detection batches) as it is."""
+        if self.cfg.train.channels_last and isinstance(x, Tensor) and x.ndim == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -98,8 +101,9 @@ class Run:
         with eval_mode(model):
             for x, y in loader:
                 with self.autocast():
-                    output = model(self.prepare_input(x))
+                    output = self.task.predict(model, self.prepare_input(x))
                 evaluator.update(self.task.logits(output), y)
+        self.skipped_files.extend(getattr(loader, "skipped", ()))
         evaluator.reduce(self.dist)  # every rank: sums all-reduced, or (detection) predictions gathered
         return evaluator.result()
 

@@ -36,7 +36,7 @@ import torch
 
 from featkd.engine import checkpoint as ckpt
 from featkd.errors import ConfigError, FeatkdError
-from featkd.files import atomic_file
+from featkd.files import atomic_file, atomic_write_text
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -342,3 +342,17 @@ def check_run_folder(out_dir: Path | None, resume: bool | str, config: dict[str,
     if changed:
         raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed[:5])}")
     return ResumePoint(state, path, path == last, describe(state))
+
+
+SKIPPED = "skipped_files.txt"
+
+
+def append_skipped(out_dir: Path, lines: list[str], log: Callable[[str], None]) -> None:
+    """Add the bad files skipped (``data.bad_files: skip``; one "file: reason" line each, each file once) to
+    ``out_dir/skipped_files.txt``, and say how many there are now."""
+    path = out_dir / SKIPPED
+    known = path.read_text().splitlines() if path.is_file() else []
+    new = [line for line in dict.fromkeys(lines) if line not in set(known)]
+    if new:
+        atomic_write_text(path, "".join(f"{line}\n" for line in [*known, *new]))
+        log(f"data: skipped {len(new)} bad file(s), {len(known) + len(new)} in all: see {path}")

@@ -277,8 +277,11 @@ class TeacherCache:
         self.off_reason, self._mode = why, None
         self._logits, self._features, self._prints = [], {}, []
 
-    def _fingerprint(self, x: Tensor) -> Tensor:
-        """(2,) float64 on the CPU: the sum of ``x`` and its sum weighted by fixed pseudo-random weights."""
+    def _fingerprint(self, x: Tensor | list[Tensor]) -> Tensor:
+        """(2,) float64 on the CPU: the sum of ``x`` and its sum weighted by fixed pseudo-random weights (a list
+        of images of different sizes: the sum of theirs, each weighted by its place)."""
+        if isinstance(x, (list, tuple)):
+            return sum((k + 1) * self._fingerprint(t) for k, t in enumerate(x))
         key = (tuple(x.shape), x.device)
         if key not in self._weights:
             g = torch.Generator().manual_seed(_FINGERPRINT_SEED)  # its own generator: the run's RNG is untouched

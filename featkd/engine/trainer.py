@@ -331,12 +331,24 @@ class Trainer:
                 seen += counts[1]
             self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
         self.teacher_cache.end_epoch(epoch)
+        self._write_skipped()
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
         self.history.append(record)
         self._checkpoint(epoch, record)
         eval_metrics = tuple(m for m in self.task.logged_metrics if m != "loss")
         self.log(format_epoch(record, tc.epochs, self.task.train_metric, eval_metrics))
+
+    def _write_skipped(self) -> None:
+        """Append the bad files every rank's loaders skipped since the last call (``data.bad_files: skip``)
+        to the run folder's skipped-files list; every rank calls it (the lists are gathered)."""
+        mine = [*getattr(self.train_loader, "skipped", ()), *self.run.skipped_files]
+        self.run.skipped_files.clear()
+        if hasattr(self.train_loader, "skipped"):
+            self.train_loader.skipped.clear()
+        lines = [line for part in gather_objects(mine, self.dist) for line in part]
+        if lines and self.out_dir is not None and self.dist.is_main:
+            runfolder.append_skipped(self.out_dir, lines, self.log)
 
     def train_step(self, x: Tensor, y: Any, epoch: int, indices: Tensor | None = None
                    ) -> tuple[dict[str, Tensor], Any]:

@@ -94,6 +94,11 @@ class Task:
         output, features = capture(x)
         return self.logits(output), features, None
 
+    def predict(self, model: nn.Module, x: Any) -> Any:
+        """A model's raw output on an evaluation batch ``x`` (eval mode, no grad: the caller's); a task that
+        infers differently from training (sliding windows over large images) overrides it."""
+        return model(x)
+
     def forward_teacher(self, capture: CapturingModel | nn.Module, x: Any) -> tuple[Any, dict[str, Tensor]]:
         """A frozen model's ``(logits or None, {point: feature})`` on ``x``; the caller holds no_grad and eval
         mode. The teacher in every training step; both models in the methods' statistics passes
