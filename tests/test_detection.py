@@ -263,8 +263,8 @@ def test_images_of_different_sizes_need_image_size(tmp_path):
     data["images"][1].update(width=40, height=30)
     data["annotations"][3]["bbox"] = [1, 1, 20, 20]
     root = write_coco(tmp_path / "coco", data)
-    with pytest.raises(DataError) as exc:
-        build_data(DataConfig(dataset="coco", data_dir=str(root)))
+    with pytest.raises(DataError) as exc:  # data.storage auto streams them instead (tests/test_coco_stream.py)
+        build_data(DataConfig(dataset="coco", data_dir=str(root), storage="memory"))
     assert "set data.image_size" in one_line(exc)
     assert build_data(DataConfig(dataset="coco", data_dir=str(root), image_size=32)).input_shape == (3, 32, 32)
 

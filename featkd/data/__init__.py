@@ -2,10 +2,12 @@
 
 Modules, lowest first: :mod:`featkd.data.config` (the ``data:`` section, ``DATASETS``), :mod:`featkd.data.bundle`
 (the source types, :class:`DataBundle`, :func:`build_data`), the registered sets of
-:mod:`featkd.data.classification`, :mod:`featkd.data.seg_datasets` (built by :mod:`featkd.data.segmentation`;
+:mod:`featkd.data.classification`, :mod:`featkd.data.seg_datasets` (built by :mod:`featkd.data.segmentation` in
+memory or :mod:`featkd.data.seg_stream` streamed;
 :mod:`featkd.data.scenes` generates the scenes) and :mod:`featkd.data.det_datasets` (built by
-:mod:`featkd.data.detection`); :mod:`featkd.data.splits` holds the split rules, :mod:`featkd.data.loaders` the
-sharding semantics and :mod:`featkd.data.augment` the augmentation. Importing this package registers every set.
+:mod:`featkd.data.detection` in memory, :mod:`featkd.data.det_stream` streamed); :mod:`featkd.data.splits`
+holds the split rules, :mod:`featkd.data.loaders` the sharding semantics and :mod:`featkd.data.augment` the
+augmentation. Importing this package registers every set.
 """
 
 from featkd.data import classification, det_datasets, seg_datasets  # noqa: F401  (register the data sets)

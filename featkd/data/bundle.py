@@ -7,7 +7,8 @@ A factory registered in ``DATASETS`` (:mod:`featkd.data.config`) returns one of
   classification sets of :mod:`featkd.data.classification` but imagefolder);
 * :class:`FolderSource`: torchvision datasets decoded per sample in DataLoader workers (imagefolder);
 * a :class:`BundleSource`: an object with a ``to_bundle(cfg)`` method, which :func:`build_data` calls: the
-  semantic-segmentation sets (:mod:`featkd.data.seg_datasets`, built by :mod:`featkd.data.segmentation`) and
+  semantic-segmentation sets (:mod:`featkd.data.seg_datasets`, built by :mod:`featkd.data.segmentation` or,
+  streamed, :mod:`featkd.data.seg_stream`) and
   the detection sets (:mod:`featkd.data.det_datasets`, built by :mod:`featkd.data.detection`).
 
 A bundle's loaders come from its ``backend`` (:class:`LoaderBackend`): :class:`~featkd.data.loaders.InMemoryBackend`,
@@ -158,6 +159,8 @@ class DataBundle:
     class_names: tuple[str, ...] = ()
     masks: bool = False  # detection targets hold instance masks
     storage: str = "in memory"  # where the samples live, as the run's first line states it
+    eval_window: tuple[int, int] | None = None  # segmentation: sliding-window evaluation (H, W), None: whole
+    eval_stride: tuple[int, int] | None = None  # the windows' step (H, W) (tasks/segmentation.py predict)
     backend: LoaderBackend = field(kw_only=True, repr=False, compare=False)  # makes the loaders
 
     def train_loader(
@@ -221,6 +224,9 @@ class DataBundle:
         classes = f"{self.num_classes} classes"
         if self.task == "segmentation":
             classes += f" ({self.task}, ignore index {self.ignore_index})"
+            if self.eval_window is not None and self.eval_stride is not None:
+                (wh, ww), (sh, sw) = self.eval_window, self.eval_stride
+                classes += f"; evaluated in {wh}x{ww} windows, stride {sh}x{sw}"
         elif self.task != "classification":
             classes += f" ({self.task}{', with masks' if self.masks else ''})"
         return (
@@ -269,6 +275,14 @@ def build_data(cfg: DataConfig) -> DataBundle:
     if cfg.scale_jitter is not None and bundle.task != "detection":
         raise ConfigError(f"data.scale_jitter: only detection sets (coco, scenes-det) jitter the scale; "
                           f"{cfg.dataset!r} is a {bundle.task} set")
+    for key in ("scale_range", "base_size", "crop_size", "eval_window"):
+        if getattr(cfg, key) is not None and bundle.task != "segmentation":
+            raise ConfigError(f"data.{key}: a semantic-segmentation recipe (voc, cityscapes, segfolder, scenes); "
+                              f"{cfg.dataset!r} is a {bundle.task} set")
+    for key in ("resize_short", "resize_max", "eval_resize_short"):
+        if getattr(cfg, key) is not None and bundle.task != "detection":
+            raise ConfigError(f"data.{key}: a detection recipe (coco, scenes-det, streamed); "
+                              f"{cfg.dataset!r} is a {bundle.task} set")
     return bundle
 
 

@@ -115,13 +115,21 @@ class DataConfig:
     # segmentation masks are padded with the ignore index)
     hflip: bool | None = None  # override the dataset default
     image_size: int | list[int] | None = None  # imagefolder: the crop size (null: 224); voc, cityscapes,
-    # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it once, at build time: an
-    # int for a square, [H, W] otherwise; null keeps the native size, which must then be the same for all
-    num_workers: int = 0  # imagefolder only (in-memory sets need none)
+    # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it when read (in memory: once,
+    # at build time): an int for a square, [H, W] otherwise; null keeps the native size (in memory: the same for all)
+    num_workers: int = 0  # DataLoader workers of the streamed sets (imagefolder, streamed segmentation sets)
     masks: bool = False  # detection sets (coco, scenes-det): decode instance masks (Mask R-CNN, mask AP)
     scale_jitter: list[float] | None = None  # detection sets: [lo, hi] resizes each training image by a factor
     # drawn log-uniformly in [lo, hi], then crops / zero-pads it back, boxes and masks alike (featkd.data.detection)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)  # the scenes generator (dataset: scenes)
+    # ---- streamed detection (coco, scenes-det read per sample: featkd.data.det_stream); null = off ----
+    resize_short: int | list[int] | None = None  # resize each image keeping its aspect: shorter side to this; a
+    # list = multi-scale training, one drawn per image per epoch (torchvision's RandomShortestSize, Detectron2's
+    # ResizeShortestEdge). null: no resize in the data set; the detector's own transform resizes (min_size /
+    # max_size), as torchvision's reference recipe does
+    resize_max: int | None = None  # with resize_short: the longer side at most this (COCO recipes: 1333)
+    eval_resize_short: int | None = None  # evaluation's shorter side (null: the last of resize_short); AP is
+    # scored at each image's original size either way (predictions mapped back)
     # ---- where the samples live (featkd.data.streaming) ----
     storage: Literal["auto", "memory", "stream"] = "auto"  # memory: decoded once at build; stream: read per
     # sample in DataLoader workers; auto: memory when the decoded images fit in memory_limit_gb and share one
@@ -130,6 +138,18 @@ class DataConfig:
     bad_files: Literal["error", "skip"] = "error"  # a bad image or mask met while streaming: stop with one
     # line naming it, or skip it (training: the next readable sample instead; evaluation: left out) and list
     # it in the run folder's skipped_files.txt
+    # ---- segmentation recipes (featkd.data.seg_stream; the first three need the streamed path) ----
+    scale_range: list[float] | None = None  # [lo, hi]: each training sample is rescaled by a factor drawn
+    # uniformly in [lo, hi] of base_size (mmseg RandomResize ratio_range; torchvision's reference: [0.5, 2.0])
+    base_size: int | list[int] | None = None  # what scale_range scales: an int = the short side (torchvision
+    # RandomResize), [H, W] = fit in it keeping the aspect ratio (mmseg scale (2048, 1024), keep_ratio; the
+    # order does not matter); null = the image's own size. Training only: evaluation reads images at their own size
+    crop_size: int | list[int] | None = None  # random crop of every training sample to this (int: square,
+    # [H, W]), after padding smaller samples right/bottom with 0 (image) and 255 (mask); null: no crop, each
+    # training batch padded to its largest sample
+    eval_window: int | list[int] | None = None  # segmentation evaluation: slide windows of this (H, W) over
+    # images larger than it and average the overlapping logits (mmseg mode 'slide'); null: the whole image
+    eval_stride: int | list[int] | None = None  # the windows' step; null: 2/3 of eval_window, rounded up
 
     def validate(self, path: str = "data") -> None:
         """Check the values (called by the config loader and by :func:`~featkd.data.bundle.build_data`);
@@ -150,10 +170,28 @@ class DataConfig:
             (self.storage in ("auto", "memory", "stream"), "storage", "auto, memory or stream"),
             (self.memory_limit_gb >= 0, "memory_limit_gb", ">= 0"),
             (self.bad_files in ("error", "skip"), "bad_files", "error or skip"),
+            (_valid_sides(self.resize_short), "resize_short", "null, a positive integer or a list of them"),
+            (self.resize_max is None or _positive_int(self.resize_max), "resize_max", "null or a positive integer"),
+            (self.eval_resize_short is None or _positive_int(self.eval_resize_short), "eval_resize_short",
+             "null or a positive integer"),
+            (_valid_range(self.scale_range), "scale_range", "null or [lo, hi] with 0 < lo <= hi"),
+            (_valid_size(self.base_size), "base_size", "null, a positive integer or [H, W]"),
+            (_valid_size(self.crop_size), "crop_size", "null, a positive integer or [H, W]"),
+            (_valid_size(self.eval_window), "eval_window", "null, a positive integer or [H, W]"),
+            (_valid_size(self.eval_stride) and (self.eval_stride is None or self.eval_window is not None),
+             "eval_stride", "null, or with eval_window a positive integer or [H, W]"),
+            (_stride_fits(self.eval_window, self.eval_stride), "eval_stride",
+             f"at most eval_window {self.eval_window!r} (larger steps would leave pixels unpredicted)"),
         ]
         for ok, key, want in checks:
             if not ok:
                 raise ConfigError(f"{path}.{key}: must be {want}, got {getattr(self, key)!r}")
+        for key in ("resize_max", "eval_resize_short"):
+            if getattr(self, key) is not None and self.resize_short is None:
+                raise ConfigError(f"{path}.{key}: needs {path}.resize_short (the shorter side training resizes to)")
+        if self.resize_short is not None and self.image_size is not None:
+            raise ConfigError(f"{path}.resize_short: give it or {path}.image_size, not both (image_size squashes "
+                              "every image to one size; resize_short keeps each image's aspect)")
         try:
             DATASETS.get(self.dataset)
         except FeatkdError as e:
@@ -169,10 +207,29 @@ def _valid_range(values: list[float] | None) -> bool:
     return values is None or (len(values) == 2 and 0 < values[0] <= values[1])
 
 
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _valid_sides(sides: int | list[int] | None) -> bool:
+    if sides is None or not isinstance(sides, list):
+        return sides is None or _positive_int(sides)
+    return len(sides) >= 1 and all(_positive_int(v) for v in sides)
+
+
 def _valid_size(size: int | list[int] | None) -> bool:
     if size is None or isinstance(size, int):
         return size is None or size >= 1
     return len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)
+
+
+def _stride_fits(window: int | list[int] | None, stride: int | list[int] | None) -> bool:
+    """A sliding-window step no larger than the window (per axis), so the windows cover every pixel."""
+    if window is None or stride is None or not (_valid_size(window) and _valid_size(stride)):
+        return True
+    windows = [window] * 2 if isinstance(window, int) else window
+    strides = [stride] * 2 if isinstance(stride, int) else stride
+    return all(s <= w for s, w in zip(strides, windows, strict=True))
 
 
 # A registered factory reads ``cfg``'s files and returns what build_data turns into a DataBundle: the source

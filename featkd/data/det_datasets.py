@@ -13,10 +13,15 @@ scenes-det    generated (:mod:`featkd.data.scenes`), cached; data_dir = the cach
 ============  ====================================================================  ==========================
 
 ``scenes-det`` is a separate name from ``scenes`` (the same canvases read as semantic-segmentation masks),
-so a config's data set says its task. Both read through :func:`featkd.data.coco.read_instances` (checks) and
-:func:`featkd.data.detection.decode_instances` (images, boxes, optional masks, one size): see those modules
-for the checks, the label order (categories by ascending id -> 1..K, 0 the background) and the batches.
-Categories come from the training file; the test file must list the same ones.
+so a config's data set says its task. Both read through :func:`featkd.data.coco.read_instances` (checks),
+then :func:`featkd.data.det_stream.detection_storage` picks where the images live (``data.storage``): in
+memory, :func:`featkd.data.detection.decode_instances` decodes them once at one size; streamed (images that
+differ in size, too many for ``data.memory_limit_gb``, or ``data.resize_short`` set: COCO itself),
+:func:`featkd.data.det_stream.pack_split` packs the annotations into flat arrays and each image is decoded
+per sample in the DataLoader workers at its own size, with the resize / flip recipes and AP scored at the
+original coordinates. See those modules for the checks, the label order (categories by ascending id ->
+1..K, 0 the background) and the batches. Categories come from the training file; the test file must list
+the same ones.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from featkd.data.coco import CocoInstances, read_instances
 from featkd.data.config import DATASETS, DataConfig
+from featkd.data.det_stream import StreamDetectionSource, detection_storage, image_sizes, pack_split
 from featkd.data.detection import DetectionSource, category_labels, decode_instances
 from featkd.data.scenes import ensure_scenes
 from featkd.data.segmentation import target_size
@@ -54,8 +60,10 @@ def _pick(root: Path, splits: tuple[str, ...], what: str, name: str) -> str:
     raise DataError(f"{name}: no {what} annotations in {root} (looked for {tried})")
 
 
-def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: str) -> DetectionSource:
-    """Decode ``root``'s train and test splits (COCO layout) into a :class:`DetectionSource`."""
+def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: str
+                     ) -> DetectionSource | StreamDetectionSource:
+    """``root``'s train and test splits (COCO layout): decoded into a :class:`DetectionSource`, or packed into
+    a :class:`StreamDetectionSource` when :func:`~featkd.data.det_stream.detection_storage` streams them."""
     name = cfg.dataset
     train = read_instances(root / "annotations" / f"instances_{train_split}.json", name)
     test = read_instances(root / "annotations" / f"instances_{test_split}.json", name)
@@ -63,6 +71,14 @@ def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: 
         raise DataError(f"{name}: {test.path} lists categories {test.category_ids} but {train.path} "
                         f"{train.category_ids}; both splits need the same categories")
     labels = category_labels(train.category_ids)
+    dirs = (_images_dir(root, train_split, train, name), _images_dir(root, test_split, test, name))
+    skip = cfg.bad_files == "skip"
+    sizes = (image_sizes(train, dirs[0], name, skip), image_sizes(test, dirs[1], name, skip))
+    in_memory, storage = detection_storage(cfg, sizes, (train, test))
+    if not in_memory:
+        return StreamDetectionSource(pack_split(train, dirs[0], labels, sizes[0], cfg.masks, name),
+                                     pack_split(test, dirs[1], labels, sizes[1], cfg.masks, name),
+                                     tuple(train.category_names), cfg.masks, storage)
     size = target_size(cfg)
     train_split_data = decode_instances(train, _images_dir(root, train_split, train, name), labels, size,
                                         cfg.masks, name)
@@ -77,14 +93,15 @@ def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: 
     else:
         test_split_data = decode_instances(test, _images_dir(root, test_split, test, name), labels, size,
                                            cfg.masks, name)
-    return DetectionSource(train_split_data, test_split_data, tuple(train.category_names), masks=cfg.masks)
+    return DetectionSource(train_split_data, test_split_data, tuple(train.category_names), masks=cfg.masks,
+                           storage=storage)
 
 
 @DATASETS.register("coco")
-def coco(cfg: DataConfig) -> DetectionSource:
+def coco(cfg: DataConfig) -> DetectionSource | StreamDetectionSource:
     """COCO instances in COCO's layout under ``data_dir`` (see the module docstring); boxes, labels, crowd
-    regions, and with ``data.masks`` polygon / RLE masks. Everything is decoded into memory at build time:
-    set ``data.image_size`` when the images differ in size."""
+    regions, and with ``data.masks`` polygon / RLE masks. Small sets of one size are decoded into memory at
+    build time; images of different sizes and large sets stream (:mod:`featkd.data.det_stream`)."""
     if not cfg.data_dir:
         raise DataError("coco: data.data_dir is not set; set it to the folder that holds annotations/ and the "
                         "image folders (train2017/, val2017/)")
@@ -96,7 +113,7 @@ def coco(cfg: DataConfig) -> DetectionSource:
 
 
 @DATASETS.register("scenes-det")
-def scenes_det(cfg: DataConfig) -> DetectionSource:
+def scenes_det(cfg: DataConfig) -> DetectionSource | StreamDetectionSource:
     """The generated scenes of ``data.scenes`` as a detection set: 10 item categories (ids 1..10 = labels
     1..10), boxes of the visible pixels, instance masks with ``data.masks``."""
     return read_coco_folder(ensure_scenes(cfg.scenes, cfg.data_dir), cfg, "train", "test")

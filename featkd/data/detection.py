@@ -1,5 +1,10 @@
 """Detection data in memory: COCO instances decoded once, batched as ``(images, list of target dicts)``.
 
+The path of small sets of one size (the scenes protocols): :func:`featkd.data.det_stream.detection_storage`
+chooses it under ``data.storage: auto``. Images of different sizes and sets too large for memory (COCO)
+stream instead, each image at its own size (:mod:`featkd.data.det_stream`, with the ``data.resize_short`` /
+``resize_max`` / ``eval_resize_short`` recipes, which this path refuses); their targets are the same dicts.
+
 :func:`decode_instances` reads the images of a checked :class:`~featkd.data.coco.CocoInstances` (Pillow,
 RGB) into one uint8 tensor (N, 3, H, W) of one size: ``data.image_size`` when set (each image resized
 bilinearly, its boxes and areas scaled, its masks resized by nearest neighbour), else the first image's
@@ -307,12 +312,13 @@ def decode_instances(coco: CocoInstances, images_dir: Path, labels: dict[int, in
         if (image.width, image.height) not in ((w, h), (None, None)) and None not in (image.width, image.height):
             raise DataError(f"{name}: {path} is {w}x{h} but {coco.path} says {image.width}x{image.height}")
         if image.width is None or image.height is None:  # boxes were not checked against the size yet
-            _check_inside(image, w, h, coco.path, name)
+            check_inside(image, w, h, coco.path, name)
         if target is None:
             target, first = (h, w), path
         elif size is None and (h, w) != target:
             raise DataError(f"{name}: {path} is {w}x{h} but {first} is {target[1]}x{target[0]}; "
-                            "set data.image_size to resize every image to one size")
+                            "set data.image_size to resize every image to one size, or data.storage: stream "
+                            "(each image at its own size)")
         sy, sx = target[0] / h, target[1] / w
         if (h, w) != target:
             pil = pil.resize((target[1], target[0]), Image.Resampling.BILINEAR)
@@ -329,7 +335,9 @@ def decode_instances(coco: CocoInstances, images_dir: Path, labels: dict[int, in
     return DetectionSplit(x, boxes, cats, crowd, areas, ids, mask_list if masks else None)
 
 
-def _check_inside(image: Any, w: int, h: int, path: Path, name: str) -> None:
+def check_inside(image: Any, w: int, h: int, path: Path, name: str) -> None:
+    """Check the boxes of an image entry that gave no size against its decoded size ``w`` x ``h`` (a one-line
+    DataError past :data:`~featkd.data.coco.BOX_TOLERANCE`), and clip them to it."""
     from featkd.data.coco import BOX_TOLERANCE
 
     for ann_id, (x1, y1, x2, y2) in zip(image.annotation_ids, image.boxes, strict=True):
@@ -363,6 +371,7 @@ class DetectionSource:
     test: DetectionSplit
     category_names: tuple[str, ...]
     masks: bool = False
+    storage: str = "in memory"  # the phrase of the run's first line
 
     def to_bundle(self, cfg: DataConfig) -> DataBundle:
         """The bundle of ``cfg.dataset``: unstratified seeded splits, in-memory loaders, task detection."""
@@ -395,6 +404,7 @@ class DetectionSource:
             task="detection",
             class_names=("background", *self.category_names),
             masks=self.masks,
+            storage=self.storage,
             backend=DetectionBackend(train, val, self.test, aug, jitter),
         )
 

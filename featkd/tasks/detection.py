@@ -5,7 +5,10 @@ inside, in its ``GeneralizedRCNNTransform``; a list of (C, H_i, W_i) tensors wor
 list of B dicts on the device: ``boxes`` float32 (N, 4) ``[x1, y1, x2, y2]`` in pixels, ``labels`` int64
 (N,) in 1..K (0 is the background), ``iscrowd`` bool (N,), ``area`` float32 (N,) (COCO's ``area``: the
 object's pixel area, which picks AP small/medium/large), ``image_id`` int64 (), and with ``data.masks``
-``masks`` uint8 (N, H, W).
+``masks`` uint8 (N, H, W). Streamed data (:mod:`featkd.data.det_stream`) gives ``x`` as a list of images of
+their own sizes; its evaluation targets stay at each image's original size and add ``orig_size`` and
+``size`` (int64 (2,): the file's (H, W) and the resized image's), and the evaluator maps the predictions
+back (:func:`to_original_size`) before scoring, so AP is COCO's at the annotation file's coordinates.
 
 Choices:
 
@@ -111,6 +114,29 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_original_size(output: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A detector's output on an image resized for evaluation, mapped back to the image's original size when
+    the target says both (``size``: the (H, W) fed to the model, ``orig_size``: the file's; streamed data,
+    :mod:`featkd.data.det_stream`): boxes (M, 4) scaled per axis, mask probabilities (M, 1, h, w) resized
+    bilinearly to the original size (torchvision's ``GeneralizedRCNNTransform.postprocess`` does the same
+    for its own resize). Without those keys, or at the same size, ``output`` as it is."""
+    if "orig_size" not in target or "size" not in target:
+        return output
+    (h, w), (oh, ow) = (tuple(int(v) for v in target[k].tolist()) for k in ("size", "orig_size"))
+    out = dict(output)
+    if (h, w) != (oh, ow):
+        boxes = output["boxes"].float()
+        out["boxes"] = boxes * boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
+    masks = output.get("masks")
+    if masks is not None and tuple(masks.shape[-2:]) != (oh, ow):
+        if len(masks):
+            out["masks"] = torch.nn.functional.interpolate(masks.float(), size=(oh, ow), mode="bilinear",
+                                                           align_corners=False)
+        else:
+            out["masks"] = masks.new_zeros(0, masks.shape[1], oh, ow)
+    return out
+
+
 class CocoEvaluator(Evaluator):
     """COCO box (and mask) AP of one split's detections, scored by pycocotools (see the module docstring).
 
@@ -131,6 +157,7 @@ class CocoEvaluator(Evaluator):
         if len(outputs) != len(targets):
             raise FeatkdError(f"the detector returned {len(outputs)} results for {len(targets)} images")
         for out, tgt in zip(outputs, targets, strict=True):
+            out = to_original_size(out, tgt)
             boxes = tgt["boxes"].detach().float().cpu().numpy()
             n = len(boxes)
             rec: dict[str, Any] = {
@@ -145,6 +172,8 @@ class CocoEvaluator(Evaluator):
                 "scores": out["scores"].detach().float().cpu().numpy(),
                 "labels": out["labels"].cpu().numpy().astype(np.int64),
             }
+            if "orig_size" in tgt:
+                rec["size"] = tuple(int(v) for v in tgt["orig_size"].tolist())
             if "masks" in tgt:
                 rec["gt_masks"] = _encode_masks(tgt["masks"].cpu().numpy())
                 rec["size"] = tuple(int(v) for v in tgt["masks"].shape[-2:])
