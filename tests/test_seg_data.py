@@ -202,8 +202,8 @@ def test_segfolder_resizes_to_image_size(tmp_path: Path) -> None:
     m[:, 6:] = 2
     save(tmp_path / "train" / "images" / "big.png", np.zeros((8, 12, 3), np.uint8))
     save(tmp_path / "train" / "masks" / "big.png", m, "L")
-    with pytest.raises(DataError) as exc:
-        build_data(DataConfig(dataset="segfolder", data_dir=str(tmp_path)))
+    with pytest.raises(DataError) as exc:  # in memory; auto streams a set of mixed sizes (test_seg_stream.py)
+        build_data(DataConfig(dataset="segfolder", data_dir=str(tmp_path), storage="memory"))
     assert "big.png is 12x8" in one_line(exc) and "data.image_size" in one_line(exc)
     bundle = build_data(DataConfig(dataset="segfolder", data_dir=str(tmp_path), image_size=[4, 6], augment=False))
     assert bundle.input_shape == (3, 4, 6)

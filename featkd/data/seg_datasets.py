@@ -17,9 +17,11 @@ cityscapes    ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``,            1
 Masks are single-channel PNGs (mode L, P or I); a palette PNG's values are its palette indices (VOC's
 255 = void borders, ignored). Cityscapes label ids map to train ids by the official table (cityscapesScripts
 ``labels.py``, read from ``torchvision.datasets.Cityscapes.classes``); ids without a train id are ignored.
-Every set is decoded into memory at build time (:mod:`featkd.data.segmentation`), resized to
-``data.image_size`` when set (else all samples must share one size). Default train augmentation: random
-crop after padding by ``min(H, W) // 12`` pixels (mask padded with 255) + horizontal flip. Normalisation:
+A set small enough and of one size (or resized to ``data.image_size``) is decoded into memory at build
+time (:mod:`featkd.data.segmentation`; default train augmentation: random crop after padding by
+``min(H, W) // 12`` pixels, mask padded with 255, + horizontal flip); a large one, one of mixed sizes, or one
+configured with the per-sample recipes (``data.scale_range``, ``base_size``, ``crop_size``) streams from disk
+(:mod:`featkd.data.seg_stream`; default: horizontal flip). ``data.storage`` forces either. Normalisation:
 ImageNet mean/std, except ``scenes``: the per-channel mean/std of its training canvases.
 """
 
@@ -29,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featkd.data.bundle import choose_storage
 from featkd.data.classification import IMAGENET_MEAN, IMAGENET_STD
 from featkd.data.config import DATASETS, DataConfig
 from featkd.data.scenes import ensure_scenes
+from featkd.data.seg_stream import SegmentationStreamSource, segmentation_storage
 from featkd.data.segmentation import (
     IGNORE_INDEX,
     LabelMap,
@@ -65,16 +69,23 @@ def _source(
     pairs: dict[str, list[Pair]],
     class_names: tuple[str, ...],
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = (IMAGENET_MEAN, IMAGENET_STD),
-) -> SegmentationSource:
-    """Decode the train and test pairs (in one pass: one size for both); ``stats`` None: the train images'
-    own mean and std."""
+) -> SegmentationSource | SegmentationStreamSource:
+    """The set in memory (train and test pairs decoded in one pass: one size for both) or streamed, as
+    :func:`~featkd.data.seg_stream.segmentation_storage` decides; ``stats`` None: the train images' own mean
+    and std."""
     n = len(pairs["train"])
-    x, y = read_pairs(pairs["train"] + pairs["test"], target_size(cfg), cfg.dataset)
+    everything = pairs["train"] + pairs["test"]
+    in_memory, storage = segmentation_storage(cfg, everything, cfg.dataset)
+    if not in_memory:
+        return SegmentationStreamSource(pairs["train"], pairs["test"], class_names, stats, storage or "streamed")
+    x, y = read_pairs(everything, target_size(cfg), cfg.dataset)
+    if storage is None:  # data.storage: memory
+        storage = choose_storage(cfg, len(everything), x.numel() + y.numel(), True)[1]
     train_x, train_y, test_x, test_y = x[:n], y[:n], x[n:], y[n:]
     mean, std = channel_stats(train_x) if stats is None else stats
     return SegmentationSource(
         train_x, train_y, test_x, test_y, class_names=class_names, mean=mean, std=std,
-        crop_padding=min(train_y.shape[1:]) // 12, hflip=True,
+        crop_padding=min(train_y.shape[1:]) // 12, hflip=True, storage=storage,
     )  # fmt: skip
 
 
@@ -122,7 +133,7 @@ def _segfolder_pairs(root: Path, labels: LabelMap, name: str) -> dict[str, list[
 
 
 @DATASETS.register("segfolder")
-def segfolder(cfg: DataConfig) -> SegmentationSource:
+def segfolder(cfg: DataConfig) -> SegmentationSource | SegmentationStreamSource:
     """Image and mask PNGs in ``data_dir/{train,test}/{images,masks}/`` (``val/`` if there is no ``test/``)
     and ``data_dir/classes.txt``; mask value k = class of line k, 255 = ignored."""
     root = _root(cfg, "train/images, train/masks, test/images, test/masks and classes.txt")
@@ -131,7 +142,7 @@ def segfolder(cfg: DataConfig) -> SegmentationSource:
 
 
 @DATASETS.register("scenes")
-def scenes(cfg: DataConfig) -> SegmentationSource:
+def scenes(cfg: DataConfig) -> SegmentationSource | SegmentationStreamSource:
     """The generated scenes of ``data.scenes`` (generated on first use into the cache, ``data_dir`` or
     ``~/.cache/featkd/scenes``), read as the segfolder they are: 11 classes, background + the source's 10."""
     folder = ensure_scenes(cfg.scenes, cfg.data_dir)
@@ -173,7 +184,7 @@ def _voc_split(base: Path, listing: str, labels: LabelMap) -> list[Pair]:
 
 
 @DATASETS.register("voc")
-def voc(cfg: DataConfig) -> SegmentationSource:
+def voc(cfg: DataConfig) -> SegmentationSource | SegmentationStreamSource:
     """Pascal VOC 2012 segmentation in torchvision's ``VOCSegmentation`` layout under ``data_dir`` (or
     ``data_dir`` = the VOC2012 folder itself); train = ``train.txt``, test = ``val.txt``; 21 classes."""
     base = _voc_base(_root(cfg, "VOCdevkit/VOC2012"))
@@ -222,9 +233,10 @@ def _cityscapes_split(root: Path, folder: str, label_ids: LabelMap, train_ids: L
 
 
 @DATASETS.register("cityscapes")
-def cityscapes(cfg: DataConfig) -> SegmentationSource:
+def cityscapes(cfg: DataConfig) -> SegmentationSource | SegmentationStreamSource:
     """Cityscapes fine annotations in torchvision's ``Cityscapes`` layout under ``data_dir``; train = train,
-    test = val; 19 train-id classes. Native 2048x1024: set ``data.image_size`` (e.g. [256, 512])."""
+    test = val; 19 train-id classes. Native 2048x1024: streamed (mmseg's recipe: ``scale_range: [0.5, 2.0]``,
+    ``base_size: [1024, 2048]``, ``crop_size: [512, 1024]``), or ``data.image_size`` (e.g. [256, 512]) in memory."""
     root = _root(cfg, "leftImg8bit/ and gtFine/")
     label_ids, names = cityscapes_label_map()
     train_ids = LabelMap.identity(len(names))

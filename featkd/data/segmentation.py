@@ -1,5 +1,10 @@
 """Semantic-segmentation data in memory: (image, mask) files decoded once, batched like classification.
 
+Where a set lives is decided per build (:func:`featkd.data.seg_stream.segmentation_storage`): small sets of one
+size stay here, in memory; large ones, sets whose images differ in size, and configs that ask for the
+per-sample recipes (``data.scale_range``, ``base_size``, ``crop_size``) stream from disk
+(:mod:`featkd.data.seg_stream`), reading each pair with the same :func:`read_pair` and :class:`LabelMap` checks.
+
 A segmentation data set (:mod:`featkd.data.seg_datasets` says where each one's files are) lists its
 (image, mask) file pairs; :func:`read_pairs` decodes every pair once, at build time, into uint8 tensors of
 one fixed size: images (N, 3, H, W) RGB and masks (N, H, W). A sample whose size differs from the target
@@ -18,6 +23,7 @@ padding is the ignore index. ``train_subset`` and ``val_fraction`` pick seeded, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +78,28 @@ class Pair:
     labels: LabelMap
 
 
-def target_size(cfg: DataConfig) -> tuple[int, int] | None:
-    """``data.image_size`` as (H, W), or None (keep the native size)."""
-    size = cfg.image_size
+def as_hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """A size option (an int for a square, or [H, W]) as (H, W); None stays None."""
     if size is None:
         return None
     if isinstance(size, int):
         return size, size
-    return size[0], size[1]
+    return int(size[0]), int(size[1])
+
+
+def target_size(cfg: DataConfig) -> tuple[int, int] | None:
+    """``data.image_size`` as (H, W), or None (keep the native size)."""
+    return as_hw(cfg.image_size)
+
+
+def eval_windows(cfg: DataConfig) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(data.eval_window, data.eval_stride)`` as (H, W) pairs; the stride defaults to 2/3 of the window,
+    rounded up (mmseg's 769 x 769 windows step 513), so neighbouring windows overlap by a third."""
+    window = as_hw(cfg.eval_window)
+    if window is None:
+        return None, None
+    stride = as_hw(cfg.eval_stride) or (math.ceil(2 * window[0] / 3), math.ceil(2 * window[1] / 3))
+    return window, stride
 
 
 def read_pair(pair: Pair, size: tuple[int, int] | None, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +136,8 @@ def read_pairs(pairs: Sequence[Pair], size: tuple[int, int] | None, name: str) -
         elif labels.shape != size:  # only without resizing
             (h, w), (h0, w0) = labels.shape, size
             raise DataError(
-                f"{name}: {pair.image} is {w}x{h} but {first} is {w0}x{h0}; "
-                "set data.image_size to resize every sample to one size"
+                f"{name}: {pair.image} is {w}x{h} but {first} is {w0}x{h0}; set data.image_size to resize "
+                "every sample to one size, or data.storage: auto or stream to keep each at its own"
             )
         images.append(image)
         masks.append(labels)
@@ -148,6 +168,7 @@ class SegmentationSource:
     crop_padding: int = 0  # default train augmentation
     hflip: bool = True
     ignore_index: int = IGNORE_INDEX
+    storage: str = "in memory"  # the phrase of the run's first line
 
     def to_bundle(self, cfg: DataConfig) -> DataBundle:
         """The bundle of ``cfg.dataset``: unstratified seeded splits, in-memory loaders, task segmentation."""
@@ -166,5 +187,7 @@ class SegmentationSource:
         test = split(self.test_images, self.test_masks)
         aug = train_augment(cfg, self.crop_padding, self.hflip)
         norm = Normalizer(self.mean, self.std, 255.0)
+        window, stride = eval_windows(cfg)
         return in_memory_bundle(cfg, len(self.class_names), train, val, test, norm, aug, task="segmentation",
-                                ignore_index=self.ignore_index, class_names=self.class_names)
+                                ignore_index=self.ignore_index, class_names=self.class_names, storage=self.storage,
+                                eval_window=window, eval_stride=stride)

@@ -70,8 +70,9 @@ if TYPE_CHECKING:
 FORMAT = "featkd-teacher-cache"
 VERSION = 1
 
-#: data keys that do not change the training batches (evaluation only, loading mechanics)
-NOT_IN_BATCHES = ("eval_batch_size", "num_workers", "download")
+#: data keys that do not change the training batches (evaluation only, loading mechanics); every other key is in
+#: the key, the segmentation recipes (scale_range, base_size, crop_size, hflip, storage) included
+NOT_IN_BATCHES = ("eval_batch_size", "num_workers", "download", "eval_window", "eval_stride")
 
 #: input fingerprints agree when within this (float64 sums of float32 inputs; a one-level change of a
 #: single 8-bit pixel moves a sum by ~1e-2, rounding by < 1e-9)

@@ -8,6 +8,11 @@ Choices (documented in README's segmentation section):
 * Per-pixel KD is ``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the class axis at every pixel, averaged
   over all B*H*W pixels, ignored ones included: the teacher's prediction exists there too (the common
   choice of pixel-wise distillation, e.g. Liu et al. 2019's pixel term).
+* Evaluation predicts the whole image (``Task.predict``), or, with ``data.eval_window`` (the bundle's
+  ``eval_window`` / ``eval_stride``), slides windows over an image larger than one (mmseg's mode 'slide',
+  :func:`slide_logits`): each window's logits are upsampled to the window and the overlapping windows'
+  logits averaged per pixel; windows at the far edges are shifted back inside the image, so every pixel is
+  covered, and a side shorter than the window is taken whole.
 * mIoU is the mean over classes whose union (prediction or ground truth) is not empty of
   ``TP / (TP + FP + FN)``, accumulated over the whole split (not averaged per image), ignored pixels
   excluded, as in mmseg / torchvision's reference scripts.
@@ -15,11 +20,12 @@ Choices (documented in README's segmentation section):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from featkd.models import segmentation_logits
 from featkd.tasks.base import Evaluator, Task
@@ -38,6 +44,37 @@ def to_mask_size(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.shape[-2:] == targets.shape[-2:]:
         return logits
     return F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one side (mmseg's grid): ``ceil((length - window) / stride) + 1``
+    windows ``stride`` apart, the last shifted back to end at ``length``; ``[0]`` when the side fits one."""
+    if length <= window:
+        return [0]
+    count = (length - window + stride - 1) // stride + 1
+    return [min(k * stride, length - window) for k in range(count)]
+
+
+def slide_logits(forward: Callable[[Tensor], Tensor], x: Tensor, window: tuple[int, int],
+                 stride: tuple[int, int]) -> Tensor:
+    """float32 logits (B, K, H, W) of images ``x`` (B, C, H, W): ``forward`` (a batch of crops -> logits at any
+    resolution) on every window, upsampled to the window, summed and divided by how many windows cover
+    each pixel."""
+    (h, w), (wh, ww) = x.shape[-2:], window
+    total: Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    for y0 in window_starts(h, wh, stride[0]):
+        for x0 in window_starts(w, ww, stride[1]):
+            y1, x1 = min(y0 + wh, h), min(x0 + ww, w)
+            logits = forward(x[..., y0:y1, x0:x1])
+            if logits.shape[-2:] != (y1 - y0, x1 - x0):
+                logits = F.interpolate(logits, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+            if total is None:
+                total = torch.zeros(x.shape[0], logits.shape[1], h, w, device=x.device)
+            total[..., y0:y1, x0:x1] += logits.float()
+            count[..., y0:y1, x0:x1] += 1
+    assert total is not None
+    return total / count
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -92,13 +129,25 @@ class SegmentationTask(Task):
     logits_ndim = 4
     model_kind: ClassVar[str] = "segmenter"
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] = (),
+                 eval_window: tuple[int, int] | None = None, eval_stride: tuple[int, int] | None = None) -> None:
         super().__init__(num_classes)
         self.ignore_index, self.class_names = ignore_index, class_names
+        self.eval_window = eval_window
+        self.eval_stride = eval_stride or eval_window  # a window without a step: side by side
 
     @classmethod
     def from_data(cls, data) -> SegmentationTask:
-        return cls(data.num_classes, getattr(data, "ignore_index", 255), tuple(getattr(data, "class_names", ())))
+        return cls(data.num_classes, getattr(data, "ignore_index", 255), tuple(getattr(data, "class_names", ())),
+                   getattr(data, "eval_window", None), getattr(data, "eval_stride", None))
+
+    def predict(self, model: nn.Module, x: Any) -> Any:
+        """The whole image's output, or with an evaluation window and an image larger than it, the averaged
+        logits (B, K, H, W) of the sliding windows (:func:`slide_logits`)."""
+        window = self.eval_window
+        if window is None or not isinstance(x, Tensor) or (x.shape[-2] <= window[0] and x.shape[-1] <= window[1]):
+            return model(x)
+        return slide_logits(lambda crop: self.logits(model(crop)), x, window, self.eval_stride or window)
 
     def logits(self, output: Any) -> Tensor:
         """torchvision segmenters return ``{'out': logits, 'aux': ...}``; featkd's return the tensor."""
