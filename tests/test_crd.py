@@ -193,22 +193,6 @@ def test_the_step_timer_passes_each_batch_its_indices():
     assert not torch.equal(trainer.distiller.bank_s, before)  # both batches wrote their samples' rows
 
 
-def test_a_loader_without_indices_is_one_line_naming_the_data_set(tmp_path):
-    from featkd.engine.trainer import Trainer
-    from tests.test_data import write_imagefolder
-
-    write_imagefolder(tmp_path)
-    cfg = build_config({
-        "name": "f", "data": {"dataset": "imagefolder", "data_dir": str(tmp_path), "image_size": 8,
-                              "batch_size": 4},
-        "teacher": {"model": "resnet8"}, "student": {"model": "resnet8"}, "method": {"name": "crd"},
-        "train": {"epochs": 1, "num_threads": 1, "progress": "off", "tensorboard": False},
-    })
-    with pytest.raises(FeatkdError, match="'imagefolder' loader does not supply") as exc:
-        Trainer(cfg, tmp_path / "out", log=QUIET)
-    assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
-
-
 def test_plain_loop_api_takes_indices():
     from featkd import Distillation
     from featkd.models import create_model

@@ -18,6 +18,7 @@ def open_image(path: Path, name: str) -> Any:
         image.load()
     except FileNotFoundError:
         raise DataError(f"{name}: image file {path} not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError: a header claiming over 2 x Image.MAX_IMAGE_PIXELS pixels (a bad file too)
         raise DataError(f"{name}: cannot read {path} ({' '.join(str(e).split())})") from None
     return image

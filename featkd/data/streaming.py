@@ -19,7 +19,10 @@ Bad files (``data.bad_files``): with ``error`` (the default) the first bad file 
 one-line DataError, raised in the main process whether it was met in a worker, in training or in
 evaluation; with ``skip`` a bad training sample is replaced by the next readable one of the split (so batches
 keep their size and an epoch its number of steps) and a bad evaluation sample is left out; either way the
-loader lists it in ``skipped`` ("file: reason" lines), which the trainer writes to the run folder.
+loader lists it in ``skipped`` ("file: reason" lines), which the trainer writes to the run folder. Another user
+error met in a worker (a :class:`~featkd.errors.FeatkdError` of ``transform`` or ``assemble``) is not a bad file:
+it is raised in the main process as it was raised, one line, whatever ``data.bad_files`` says (DataLoader would
+re-raise it with the worker's traceback in its message).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ BAD_FILE_POLICIES = ("error", "skip")
 
 @dataclass(frozen=True)
 class BadSample:
-    """What a worker returns for a sample it could not read: the one-line reason (naming the file)."""
+    """What a worker returns for a sample it could not read: the one-line reason (naming the file); ``error``:
+    a user error of the transform instead, raised in the main process whatever ``data.bad_files`` says."""
 
     index: int
     message: str
+    error: FeatkdError | None = None
 
 
 class StreamDataset(torch.utils.data.Dataset):
@@ -78,11 +83,14 @@ class StreamDataset(torch.utils.data.Dataset):
             except FeatkdError as exc:
                 skipped.append(str(exc))
                 continue
-            if epoch is None:
-                return i, self.transform(sample), skipped
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed(self.seed, epoch, i))
-                return i, self.transform(sample), skipped
+            try:
+                if epoch is None:
+                    return i, self.transform(sample), skipped
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(mix_seed(self.seed, epoch, i))
+                    return i, self.transform(sample), skipped
+            except FeatkdError as exc:
+                return BadSample(i, str(exc), error=exc)
         if self.skip_bad and epoch is not None:
             return BadSample(i, f"no readable sample in the split ({skipped[0]})")
         return BadSample(i, skipped[0])
@@ -147,19 +155,28 @@ def stack_pairs(samples: Sequence[tuple[Tensor, Any]]) -> tuple[Tensor, Tensor]:
 
 
 class _Collate:
-    """Runs in the worker: drops bad samples, assembles the rest into ``(indices, x, y, bad messages)``."""
+    """Runs in the worker: drops bad samples, assembles the rest into ``(indices, x, y, bad messages, error)``;
+    ``error``: the first user error of a transform or of ``assemble`` (then no batch), else None."""
 
     def __init__(self, assemble: Callable[[list[Any]], tuple[Any, Any]]) -> None:
         self.assemble = assemble
 
-    def __call__(self, items: list[tuple[int, Any, list[str]] | BadSample]) -> tuple[Tensor, Any, Any, list[str]]:
+    def __call__(self, items: list[tuple[int, Any, list[str]] | BadSample]
+                 ) -> tuple[Tensor, Any, Any, list[str], FeatkdError | None]:
+        none = torch.zeros(0, dtype=torch.long)
+        error = next((item.error for item in items if isinstance(item, BadSample) and item.error is not None), None)
+        if error is not None:
+            return none, None, None, [], error
         bad = [m for item in items if not isinstance(item, BadSample) for m in item[2]]
         bad += [item.message for item in items if isinstance(item, BadSample)]
         good = [item for item in items if not isinstance(item, BadSample)]
         if not good:
-            return torch.zeros(0, dtype=torch.long), None, None, bad
-        x, y = self.assemble([item[1] for item in good])
-        return torch.tensor([item[0] for item in good], dtype=torch.long), x, y, bad
+            return none, None, None, bad, None
+        try:
+            x, y = self.assemble([item[1] for item in good])
+        except FeatkdError as exc:
+            return none, None, None, [], exc
+        return torch.tensor([item[0] for item in good], dtype=torch.long), x, y, bad, None
 
 
 class StreamLoader:
@@ -196,7 +213,9 @@ class StreamLoader:
             self.batches.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        for indices, x, y, bad in self._loader:
+        for indices, x, y, bad, error in self._loader:
+            if error is not None:  # raised here, not in the worker: one line, without the worker's traceback
+                raise error
             if bad:
                 if not self.dataset.skip_bad:
                     raise DataError(bad[0])

@@ -152,9 +152,6 @@ class Trainer:
             device=self.device, drop_last=True,
         )
         self.steps_per_epoch = len(self.train_loader)
-        if method_cls.needs_indices and not hasattr(self.train_loader, "batch_indices"):
-            raise FeatkdError(f"method {cfg.method_name!r} needs the training-split index of every sample, which "
-                              f"the {cfg.data.dataset!r} loader does not supply (the in-memory data sets do)")
         if self.steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the training split "
                               f"({self.data.train_size} samples); no full batch to train on")
@@ -321,7 +318,8 @@ class Trainer:
                            f"epoch {epoch + 1}/{tc.epochs}", tc.progress, self.dist.is_main)
         needs_indices = self.run.method_cls.needs_indices
         for done, (x, y) in enumerate(batches, start=first + 1):
-            losses, s_logits = self.train_step(x, y, epoch, self.train_loader.batch_indices if needs_indices else None)
+            indices = getattr(self.train_loader, "batch_indices", None) if needs_indices else None
+            losses, s_logits = self.train_step(x, y, epoch, indices)
             self.distiller.on_step_end(self.global_step - 1, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -331,9 +329,9 @@ class Trainer:
                 seen += counts[1]
             self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
         self.teacher_cache.end_epoch(epoch)
-        self._write_skipped()
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
+        self._write_skipped()  # after the epoch's evaluation: the files its loaders skipped too
         self.history.append(record)
         self._checkpoint(epoch, record)
         eval_metrics = tuple(m for m in self.task.logged_metrics if m != "loss")

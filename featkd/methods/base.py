@@ -166,7 +166,7 @@ class Distiller(nn.Module):
     #: batches); DDP need not broadcast them from rank 0 before every forward
     self_synced_buffers: ClassVar[tuple[str, ...]] = ()
     #: the method reads ``Batch.indices`` (training-split index of each sample): the trainer passes the
-    #: train loader's ``batch_indices``, and a data set whose loader has none is an error at build time
+    #: train loader's ``batch_indices`` (every classification loader, in memory or streamed, records them)
     needs_indices: ClassVar[bool] = False
     #: the tasks the method is defined for (None: any), and why, for the error on another task
     tasks: ClassVar[tuple[str, ...] | None] = None
