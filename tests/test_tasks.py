@@ -20,7 +20,8 @@ PINNED = ["digits-kd-resnet20-resnet8", "digits-mgd-amp-resnet20-resnet8"]
 @pytest.mark.parametrize("config", PINNED)
 def test_classification_run_is_pinned(config, one_thread, monkeypatch):
     """A 3-epoch digits run gives the loss terms, accuracies and final weights recorded before the task
-    layer existed (tests/data/pinned-*.json, written by the pre-task-layer trainer at commit 23775ab).
+    layer existed (tests/data/pinned-*.json, written by the pre-task-layer trainer at commit 23775ab) and before
+    the house redesign (d842487), per torch build: the CPU and CUDA wheels' CPU kernels round differently.
 
     The one deliberate change since then is the re-seed before the student is built (one seed, one initial
     student for every method); it is left out here so that the pins keep checking everything else."""
@@ -28,9 +29,12 @@ def test_classification_run_is_pinned(config, one_thread, monkeypatch):
     cfg = load_config(REPO_ROOT / "configs" / f"{config}.yaml",
                       ["train.epochs=3", "train.eval_every=1", "train.deterministic=true", "train.seed=3",
                        "train.progress=off", "train.tensorboard=false", "train.num_threads=1"])
+    builds = json.loads((REPO_ROOT / "tests" / "data" / f"pinned-{config}.json").read_text())["builds"]
+    if torch.__version__ not in builds:  # another wheel's CPU kernels round differently
+        pytest.skip(f"no pinned run for torch {torch.__version__} (pins for: {', '.join(builds)})")
+    pinned = builds[torch.__version__]
     trainer = Trainer(cfg, out_dir=None, log=lambda _m: None)
     result = trainer.fit()
-    pinned = json.loads((REPO_ROOT / "tests" / "data" / f"pinned-{config}.json").read_text())
     for got, want in zip(result.history, pinned["history"], strict=True):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
