@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from featkd.bench.timing import environment, paired_ratios, time_interleaved, trainer_step
-from featkd.config import build_config
+from featkd.config import build_config, optimizer_class
 from featkd.engine.trainer import Trainer
 from featkd.models import create_model
 
@@ -114,10 +114,7 @@ def make_optimizer(cfg, groups: list[list[torch.nn.Parameter]]) -> torch.optim.O
     """The optimiser of ``cfg.optim`` over parameter groups, as the trainer builds it (a user copies it)."""
     oc = cfg.optim
     groups = [{"params": g} for g in groups if g]
-    if oc.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov and oc.momentum > 0,
-                               weight_decay=oc.weight_decay)
-    return torch.optim.AdamW(groups, lr=oc.lr, weight_decay=oc.weight_decay)
+    return optimizer_class(oc.optimizer)(groups, **oc.optimizer_kwargs())
 
 
 def hand_written_detection_step(cfg, trainer: Trainer, *, batches: list[tuple[Tensor, list]] | None = None,

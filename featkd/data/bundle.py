@@ -26,13 +26,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from featkd.data.augment import AugmentSpec
+from featkd.data.augment import AugmentSpec, MixSpec, mix_batch
 from featkd.data.config import DATASETS, DataConfig
 from featkd.data.images import open_image
 from featkd.data.loaders import Device, InMemoryBackend, Loader, Normalizer, TensorSplit
 from featkd.data.splits import split_train
 from featkd.data.streaming import OnImage, StreamDataset, stack_pairs, stream_eval_loader, stream_train_loader
-from featkd.errors import ConfigError, FeatkdError
+from featkd.errors import ConfigError, DataError, FeatkdError, relative_note
 
 # --------------------------------------------------------------------------------------------------------
 # What a registered data set factory returns.
@@ -109,8 +109,9 @@ class FolderBackend:
     test set (eval transform)."""
 
     def __init__(self, src: FolderSource, train_view: Tensor, val_view: Tensor | None, norm: Normalizer,
-                 workers: int, name: str, skip_bad: bool = False) -> None:
+                 workers: int, name: str, skip_bad: bool = False, mix: MixSpec | None = None) -> None:
         self.src, self.norm, self.workers, self.skip_bad = src, norm, workers, skip_bad
+        self.mix = mix if mix is not None and mix.enabled else None
         self.read = {"train": FolderRead(src.train, name), "test": FolderRead(src.test, name)}
         self.views = {"train": train_view.tolist(), "test": list(range(len(src.test)))}
         self.views["val"] = None if val_view is None else val_view.tolist()
@@ -121,8 +122,11 @@ class FolderBackend:
     def train_loader(self, batch_size: int, *, seed: int, **kw: Any) -> Loader:
         ds = StreamDataset(self.read["train"], self.views["train"], OnImage(self.src.train_transform), seed=seed,
                            skip_bad=self.skip_bad)
+        spec = self.mix
+        mix = None if spec is None else (
+            lambda x, y, epoch, batch: mix_batch(x, y, spec, seed=seed, epoch=epoch, batch=batch))
         return stream_train_loader(ds, stack_pairs, self._finish, batch_size, seed=seed, num_workers=self.workers,
-                                   **kw)
+                                   mix=mix, **kw)
 
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
         view = self.views[split]
@@ -158,6 +162,8 @@ class DataBundle:
     ignore_index: int = 255  # label of unlabelled pixels (segmentation only)
     class_names: tuple[str, ...] = ()
     masks: bool = False  # detection targets hold instance masks
+    #: the training batches' targets are (B, K) class probabilities (mixup / cutmix), not class ids
+    soft_targets: bool = False
     storage: str = "in memory"  # where the samples live, as the run's first line states it
     eval_window: tuple[int, int] | None = None  # segmentation: sliding-window evaluation (H, W), None: whole
     eval_stride: tuple[int, int] | None = None  # the windows' step (H, W) (tasks/segmentation.py predict)
@@ -254,18 +260,35 @@ def choose_storage(cfg: DataConfig, images: int, decoded_bytes: float, one_size:
 
 
 def train_augment(cfg: DataConfig, crop_padding: int, hflip: bool) -> AugmentSpec:
-    """The in-memory train augmentation: the data set's defaults, overridden by ``cfg`` (none without
-    ``cfg.augment``)."""
+    """The in-memory train augmentation: the data set's defaults, overridden by ``cfg`` (no crop or flip without
+    ``cfg.augment``), and ``cfg.augment_policy`` (explicit, so kept either way)."""
     if not cfg.augment:
-        return AugmentSpec()
+        return AugmentSpec(policy=cfg.augment_policy)
     pad = crop_padding if cfg.crop_padding is None else cfg.crop_padding
-    return AugmentSpec(pad, hflip if cfg.hflip is None else cfg.hflip)
+    return AugmentSpec(pad, hflip if cfg.hflip is None else cfg.hflip, cfg.augment_policy)
+
+
+def train_mix(cfg: DataConfig, num_classes: int) -> MixSpec:
+    """Mixup / CutMix of ``cfg`` (``data.mixup_alpha`` / ``cutmix_alpha``) over ``num_classes``."""
+    return MixSpec(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes)
+
+
+def _with_mix(described: str, mix: MixSpec) -> str:
+    if not mix.enabled:
+        return described
+    return mix.describe() if described == "none" else f"{described} + {mix.describe()}"
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Load ``cfg.dataset`` and return its :class:`DataBundle`; bad input raises a one-line FeatkdError."""
     cfg.validate()
-    src = DATASETS.get(cfg.dataset)(cfg)
+    try:
+        src = DATASETS.get(cfg.dataset)(cfg)
+    except DataError as exc:  # a relative data_dir that is not there: say where it was looked for
+        where = relative_note(cfg.data_dir) if cfg.data_dir else ""
+        if where and not Path(cfg.data_dir).expanduser().exists():
+            raise DataError(f"data.data_dir: {cfg.data_dir!r} not found{where}; {exc}") from None
+        raise
     if isinstance(src, BundleSource):
         bundle = src.to_bundle(cfg)
     elif isinstance(src, FolderSource):
@@ -282,6 +305,10 @@ def build_data(cfg: DataConfig) -> DataBundle:
     for key in ("resize_short", "resize_max", "eval_resize_short"):
         if getattr(cfg, key) is not None and bundle.task != "detection":
             raise ConfigError(f"data.{key}: a detection recipe (coco, scenes-det, streamed); "
+                              f"{cfg.dataset!r} is a {bundle.task} set")
+    for key, off in (("augment_policy", None), ("mixup_alpha", 0.0), ("cutmix_alpha", 0.0)):
+        if getattr(cfg, key) != off and bundle.task != "classification":
+            raise ConfigError(f"data.{key}: a classification recipe (its images and class targets); "
                               f"{cfg.dataset!r} is a {bundle.task} set")
     return bundle
 
@@ -305,6 +332,7 @@ def in_memory_bundle(cfg: DataConfig, num_classes: int, train: TensorSplit, val:
     """The :class:`DataBundle` of splits held in memory (classification, and with ``task`` fields such as
     ``task="segmentation"``, ``ignore_index``, ``class_names`` the dense sets)."""
     c, h, w = train.images.shape[1:]
+    mix = train_mix(cfg, num_classes)
     return DataBundle(
         name=cfg.dataset,
         num_classes=num_classes,
@@ -312,10 +340,11 @@ def in_memory_bundle(cfg: DataConfig, num_classes: int, train: TensorSplit, val:
         train_size=len(train),
         val_size=0 if val is None else len(val),
         test_size=len(test),
-        augmentation=aug.describe(),
+        augmentation=_with_mix(aug.describe(), mix),
         mean=norm.mean,
         std=norm.std,
-        backend=InMemoryBackend(train, val, test, norm, aug),
+        soft_targets=mix.enabled,
+        backend=InMemoryBackend(train, val, test, norm, aug, mix),
         **task,
     )
 
@@ -323,6 +352,7 @@ def in_memory_bundle(cfg: DataConfig, num_classes: int, train: TensorSplit, val:
 def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
     train_idx, val_idx = split_train(src.train_labels, cfg, cfg.dataset)
     norm = Normalizer(src.mean, src.std, 255.0)
+    mix = train_mix(cfg, src.num_classes)
     return DataBundle(
         name=cfg.dataset,
         num_classes=src.num_classes,
@@ -330,10 +360,11 @@ def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
         train_size=len(train_idx),
         val_size=0 if val_idx is None else len(val_idx),
         test_size=len(src.test),
-        augmentation=src.augmentation,
+        augmentation=_with_mix(src.augmentation, mix),
         mean=norm.mean,
         std=norm.std,
+        soft_targets=mix.enabled,
         storage=f"streamed from disk ({cfg.num_workers} workers)",
         backend=FolderBackend(src, train_idx, val_idx, norm, cfg.num_workers, cfg.dataset,
-                              cfg.bad_files == "skip"),
+                              cfg.bad_files == "skip", mix),
     )

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from featkd.data.augment import POLICIES, policy_transform
 from featkd.data.bundle import FolderSource, InMemorySource
 from featkd.data.config import DATASETS, DataConfig
 from featkd.data.idx import read_idx
@@ -263,7 +264,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig) -> FolderSource:
     """Images in ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``), decoded as RGB in
-    DataLoader workers (``num_workers``). Train: RandomResizedCrop(image_size) + hflip; eval:
+    DataLoader workers (``num_workers``). Train: RandomResizedCrop(image_size) + hflip (+ data.augment_policy); eval:
     Resize(int(image_size * 256 / 224)) + CenterCrop(image_size); ImageNet mean/std. The random transform is
     seeded per (seed, epoch, sample index), like the in-memory sets."""
     tv = _torchvision()
@@ -299,14 +300,19 @@ def imagefolder(cfg: DataConfig) -> FolderSource:
         raise ConfigError(f"data.image_size: imagefolder takes one integer (a square crop), got {cfg.image_size}")
     size = 224 if cfg.image_size is None else cfg.image_size
     hflip = True if cfg.hflip is None else cfg.hflip
-    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+    resize = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    eval_tf = T.Compose([*resize, T.PILToTensor()])
+    # data.augment_policy: on the PIL image after the crop and flip (StreamDataset seeds it per sample)
+    policy = [policy_transform(cfg.augment_policy)] if cfg.augment_policy else []
     if cfg.augment:
         train_tf = T.Compose(
-            [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if hflip else []) + [T.PILToTensor()]
+            [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if hflip else []) + policy + [T.PILToTensor()]
         )
         aug = f"RandomResizedCrop({size})" + (" + hflip" if hflip else "")
     else:
-        train_tf, aug = eval_tf, "none"
+        train_tf, aug = (T.Compose([*resize, *policy, T.PILToTensor()]) if policy else eval_tf), "none"
+    if policy:
+        aug = POLICIES[cfg.augment_policy] if aug == "none" else f"{aug} + {POLICIES[cfg.augment_policy]}"
     return FolderSource(
         train, test, torch.as_tensor(train.targets, dtype=torch.long), num_classes=len(train.classes),
         image_size=size, train_transform=train_tf, eval_transform=eval_tf, augmentation=aug,

@@ -114,6 +114,15 @@ class DataConfig:
     crop_padding: int | None = None  # override the dataset default (random crop after zero padding;
     # segmentation masks are padded with the ignore index)
     hflip: bool | None = None  # override the dataset default
+    # classification sets: a torchvision transforms v2 policy on every training image after the crop and flip
+    # (8-bit images; digits' 0..16 values are scaled to [0, 1] for it), seeded per (seed, epoch, sample): the in-memory
+    # sets draw it on the CPU, imagefolder in its workers; null: off (featkd.data.augment)
+    augment_policy: Literal["randaugment", "trivialaugment", "autoaugment"] | None = None
+    # classification sets: mix each training batch with itself rolled by one (the pairs of torchvision's MixUp /
+    # CutMix), lambda ~ Beta(alpha, alpha) seeded per (seed, epoch, batch); the targets become soft (B, K), the
+    # teacher sees the mixed images; both > 0: one of the two per batch, half and half; 0: off
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
     image_size: int | list[int] | None = None  # imagefolder: the crop size (null: 224); voc, cityscapes,
     # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it when read (in memory: once,
     # at build time): an int for a square, [H, W] otherwise; null keeps the native size (in memory: the same for all)
@@ -164,6 +173,8 @@ class DataConfig:
                 "null or a positive integer",
             ),
             (self.crop_padding is None or self.crop_padding >= 0, "crop_padding", "null or >= 0"),
+            (self.mixup_alpha >= 0, "mixup_alpha", ">= 0 (0: off)"),
+            (self.cutmix_alpha >= 0, "cutmix_alpha", ">= 0 (0: off)"),
             (_valid_size(self.image_size), "image_size", "null, a positive integer or [H, W]"),
             (self.num_workers >= 0, "num_workers", ">= 0"),
             (_valid_range(self.scale_jitter), "scale_jitter", "null or [lo, hi] with 0 < lo <= hi"),

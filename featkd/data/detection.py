@@ -203,6 +203,8 @@ class DetectionTrainLoader:
     """Shuffled, sharded batches with per-sample flips and scale jitter (``scale_jitter`` (lo, hi) or None);
     ``(x (B, C, H, W) in [0, 1], [target, ...])``."""
 
+    replayable = True  # flips and jitter drawn from (seed, epoch) per sample
+
     def __init__(self, split: DetectionSplit, augment: AugmentSpec, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, device: Device = "cpu", drop_last: bool = True,
                  scale_jitter: tuple[float, float] | None = None) -> None:

@@ -11,7 +11,13 @@ Every loader follows the :class:`Loader` protocol. ``batch_size`` is always the 
   ``indices[r::world_size]`` and keeps its last partial batch, so summing per-rank counts covers every sample
   exactly once. Ranks may then yield different numbers of batches: only all-reduce after the loop.
 
-Labels are class ids (B,) for classification or masks (B, H, W) for segmentation, both int64 on the device.
+Labels are class ids (B,) for classification or masks (B, H, W) for segmentation, both int64 on the device;
+a classification set with mixup / cutmix (``data.mixup_alpha`` / ``cutmix_alpha``) yields soft training targets
+(B, K) float32 instead (:func:`featkd.data.augment.mix_batch`).
+
+A training loader whose batches are a function of (seed, epoch, batch index) alone, whatever the run's RNG,
+says so with ``replayable = True`` (every featkd loader): the teacher cache (``train.teacher_cache``) replays
+only those.
 
 Every loader also records, in ``batch_indices``, the (B,) int64 indices into its split of the batch it
 yielded last (set before each yield, on the device); iteration stays ``(x, y)`` (methods with a per-sample
@@ -31,7 +37,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from featkd.data.augment import AugmentParams, AugmentSpec, crop_flip, crop_flip_masks, draw_params
+from featkd.data.augment import (
+    AugmentParams,
+    AugmentSpec,
+    MixSpec,
+    apply_policy,
+    crop_flip,
+    crop_flip_masks,
+    draw_params,
+    mix_batch,
+    policy_transform,
+)
 from featkd.errors import FeatkdError
 
 Device = str | torch.device
@@ -152,7 +168,10 @@ class TensorSplit:
 
 
 class InMemoryTrainLoader:
-    """Shuffled, sharded, augmented batches from a :class:`TensorSplit`; no DataLoader, no workers."""
+    """Shuffled, sharded, augmented (and mixed: ``mix``) batches from a :class:`TensorSplit`; no DataLoader, no
+    workers."""
+
+    replayable = True  # batches depend on (seed, epoch, batch index) alone
 
     def __init__(
         self,
@@ -166,9 +185,12 @@ class InMemoryTrainLoader:
         world_size: int = 1,
         device: Device = "cpu",
         drop_last: bool = True,
+        mix: MixSpec | None = None,
     ) -> None:
         self.batch_size = per_rank_batch(batch_size, world_size, rank)
         self.split, self.normalize, self.augment = split, normalize, augment
+        self.mix = mix if mix is not None and mix.enabled else None
+        self._policy = policy_transform(augment.policy) if augment.policy is not None else None
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.device = canonical_device(device)
         self.epoch = 0
@@ -210,8 +232,14 @@ class InMemoryTrainLoader:
                 x = crop_flip(x, offsets, flips, pad)
                 if self.split.dense:
                     y = crop_flip_masks(y, offsets, flips, pad, self.split.ignore_index)
+            if self._policy is not None:
+                x = apply_policy(x, ix, self._policy, seed=self.seed, epoch=self.epoch,
+                                 max_value=self.normalize.max_value)
             self.batch_indices = ix
-            yield self.normalize(x), y.long()
+            if self.mix is None:
+                yield self.normalize(x), y.long()
+            else:
+                yield mix_batch(self.normalize(x), y, self.mix, seed=self.seed, epoch=self.epoch, batch=b)
 
 
 class InMemoryEvalLoader:
@@ -264,11 +292,12 @@ class InMemoryBackend:
         test: TensorSplit,
         norm: Normalizer,
         aug: AugmentSpec,
+        mix: MixSpec | None = None,
     ) -> None:
-        self.train, self.val, self.test, self.norm, self.aug = train, val, test, norm, aug
+        self.train, self.val, self.test, self.norm, self.aug, self.mix = train, val, test, norm, aug, mix
 
     def train_loader(self, batch_size: int, **kw: Any) -> Loader:
-        return InMemoryTrainLoader(self.train, self.norm, self.aug, batch_size, **kw)
+        return InMemoryTrainLoader(self.train, self.norm, self.aug, batch_size, mix=self.mix, **kw)
 
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
         data = getattr(self, split)

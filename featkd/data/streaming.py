@@ -13,7 +13,8 @@ decoded before the first step, and resident memory does not grow with the number
   evaluation); a training batch is a list of ``(i, epoch)`` keys.
 * :class:`StreamLoader`: the :class:`~featkd.data.loaders.Loader` over them: a ``torch.utils.data.DataLoader``
   whose collate function (in the worker) turns the samples into one batch with ``assemble``, pinned memory
-  and non-blocking copies on CUDA, and ``finish`` (in the main process, on the device: normalisation).
+  and non-blocking copies on CUDA, ``finish`` (in the main process, on the device: normalisation) and, for
+  training, an optional ``mix(x, y, epoch, batch index)`` (mixup / cutmix, seeded by its arguments).
 
 Bad files (``data.bad_files``): with ``error`` (the default) the first bad file met stops the run with its
 one-line DataError, raised in the main process whether it was met in a worker, in training or in
@@ -185,13 +186,17 @@ class StreamLoader:
     ``assemble`` (in the worker): transformed samples -> ``(x, y)`` of CPU tensors (or lists of them);
     ``finish`` (main process): ``(x, y)`` on the device -> the batch the models get (normalised).
     ``batch_indices``: the (B,) split-view indices of the batch yielded last, as the in-memory loaders keep.
+    ``mix`` (training): ``(x, y, epoch, batch index) -> (x, y)`` after ``finish``.
     """
+
+    replayable = True  # per-sample transforms seeded by (seed, epoch, index), mixing by (seed, epoch, batch)
 
     def __init__(self, dataset: StreamDataset, batches: TrainBatches | EvalBatches,
                  assemble: Callable[[list[Any]], tuple[Any, Any]], finish: Callable[[Any, Any], tuple[Any, Any]], *,
-                 device: Device, num_workers: int, what: str = "data") -> None:
+                 device: Device, num_workers: int, what: str = "data",
+                 mix: Callable[[Any, Any, int, int], tuple[Any, Any]] | None = None) -> None:
         self.device = canonical_device(device)
-        self.dataset, self.batches, self.finish = dataset, batches, finish
+        self.dataset, self.batches, self.finish, self.mix = dataset, batches, finish, mix
         self.num_samples = batches.num_samples
         self.batch_size = batches.batch
         self.what = what
@@ -213,7 +218,8 @@ class StreamLoader:
             self.batches.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        for indices, x, y, bad, error in self._loader:
+        epoch = getattr(self.batches, "epoch", 0)
+        for b, (indices, x, y, bad, error) in enumerate(self._loader):
             if error is not None:  # raised here, not in the worker: one line, without the worker's traceback
                 raise error
             if bad:
@@ -223,7 +229,8 @@ class StreamLoader:
             if x is None:  # every sample of an evaluation batch was left out
                 continue
             self.batch_indices = indices.to(self.device, non_blocking=self._pin)
-            yield self.finish(to_device(x, self.device, self._pin), to_device(y, self.device, self._pin))
+            x, y = self.finish(to_device(x, self.device, self._pin), to_device(y, self.device, self._pin))
+            yield (x, y) if self.mix is None else self.mix(x, y, epoch, b)
 
 
 def to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
@@ -239,11 +246,12 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
 
 def stream_train_loader(dataset: StreamDataset, assemble: Callable[[list[Any]], tuple[Any, Any]],
                         finish: Callable[[Any, Any], tuple[Any, Any]], batch_size: int, *, seed: int, rank: int,
-                        world_size: int, device: Device, drop_last: bool, num_workers: int) -> StreamLoader:
-    """Training batches of ``dataset`` (GLOBAL ``batch_size``, this rank's share)."""
+                        world_size: int, device: Device, drop_last: bool, num_workers: int,
+                        mix: Callable[[Any, Any, int, int], tuple[Any, Any]] | None = None) -> StreamLoader:
+    """Training batches of ``dataset`` (GLOBAL ``batch_size``, this rank's share), mixed by ``mix`` if given."""
     batch = per_rank_batch(batch_size, world_size, rank)
     batches = TrainBatches(len(dataset), batch, seed, rank, world_size, drop_last)
-    return StreamLoader(dataset, batches, assemble, finish, device=device, num_workers=num_workers)
+    return StreamLoader(dataset, batches, assemble, finish, device=device, num_workers=num_workers, mix=mix)
 
 
 def stream_eval_loader(dataset: StreamDataset, assemble: Callable[[list[Any]], tuple[Any, Any]],

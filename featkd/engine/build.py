@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from featkd.capture.capture import CapturingModel
 from featkd.capture.points import expand_entry_pairs
-from featkd.config import ExperimentConfig, ModelConfig, from_dict
+from featkd.config import ExperimentConfig, ModelConfig, amp_mode, from_dict
 from featkd.data import DataBundle, build_data
 from featkd.distributed import DistInfo, init_distributed
 from featkd.engine import checkpoint as ckpt
@@ -39,6 +39,9 @@ from featkd.tasks import Task, task_for
 #: refuses other inputs in training under a process group; on the CPU each rank keeps its own statistics)
 SYNC_BATCHNORM_DEVICES = ("cuda",)
 
+#: autocast dtype -> its name in train.amp (None: off)
+AMP_NAMES: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}
+
 
 @dataclass
 class Run:
@@ -47,7 +50,7 @@ class Run:
     cfg: ExperimentConfig
     dist: DistInfo
     device: torch.device
-    amp: bool
+    amp_dtype: torch.dtype | None  # the autocast dtype (train.amp), None: off
     data: DataBundle
     task: Task
     method_cls: type[Distiller]
@@ -61,11 +64,21 @@ class Run:
     #: "reason" lines of the bad files the evaluation loaders skipped (data.bad_files: skip), not yet written
     skipped_files: list[str] = field(default_factory=list)
 
+    @property
+    def amp(self) -> bool:
+        """Whether the run autocasts (bf16 or fp16)."""
+        return self.amp_dtype is not None
+
+    @property
+    def amp_name(self) -> str:
+        """``bf16`` | ``fp16`` | ``none``: the autocast of the run, as the teacher cache's key and the log name it."""
+        return AMP_NAMES[self.amp_dtype]
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when the run uses it (``train.amp``), else nothing."""
-        if not self.amp:
+        """Autocast to the run's dtype (``train.amp``: bf16 or fp16), else nothing."""
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def prepare_input(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         """A batch as the models expect it (channels-last when ``train.channels_last``); a list of images of
@@ -160,8 +173,11 @@ def build_distiller(
     return distiller, student_capture, teacher_capture
 
 
-def configure_process(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """Threads, determinism and cuDNN settings of this process; returns whether bf16 autocast is on."""
+def configure_process(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """Threads, determinism and cuDNN settings of this process; returns the autocast dtype (None: off).
+
+    ``train.amp: fp16`` is taken on the CPU too: torch's CPU autocast runs float16 (slowly; useful to check a
+    recipe before it goes to a GPU), and the trainer's GradScaler works there as well."""
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -171,7 +187,12 @@ def configure_process(cfg: ExperimentConfig, device: torch.device) -> bool:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
-    return tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    mode = amp_mode(tc.amp)
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
 
 
 def seed_student_init(seed: int) -> None:
@@ -191,7 +212,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
     tc = cfg.train
     dist, device = init_distributed(tc.device)
     log = log if dist.is_main else (lambda _msg: None)
-    amp = configure_process(cfg, device)
+    amp_dtype = configure_process(cfg, device)
     ckpt.seed_everything(tc.seed)  # same initial weights on every rank (DDP broadcasts them anyway)
 
     data = build_data(cfg.data)
@@ -227,8 +248,11 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
                 model.to(memory_format=torch.channels_last)
     distiller, student_capture, teacher_capture = build_distiller(method_cls, options, teacher, student, example,
                                                                   data.num_classes, task, data.train_size)
+    if data.soft_targets and distiller.class_targets:
+        raise ConfigError(f"data.mixup_alpha / cutmix_alpha: method {cfg.method_name!r} (with these options) reads "
+                          "the targets as class ids, but mixed batches have soft targets; set both to 0")
     if sync_bn:  # the distiller's own BatchNorms (norms, connectors) sit in the module DDP wraps: sync them too
         distiller = nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
-    return Run(cfg=cfg, dist=dist, device=device, amp=amp, data=data, task=task, method_cls=method_cls,
+    return Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, task=task, method_cls=method_cls,
                options=options, teacher=teacher, student=student, distiller=distiller,
                teacher_capture=teacher_capture, student_capture=student_capture, log=log)

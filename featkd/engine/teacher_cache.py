@@ -1,8 +1,11 @@
 """The teacher-output cache (``train.teacher_cache: DIR``): a sweep pays the teacher's training forward once.
 
 A tuning sweep trains many students on one *stream*: the same teacher, data, seed and world size. The
-loaders draw epoch ``e``'s order and augmentation from ``(seed, e)`` alone (:mod:`featkd.data.loaders`), so
-the teacher sees the same batches in every run of the stream and returns the same outputs. The first run
+loaders draw epoch ``e``'s order and augmentation from ``(seed, e)`` alone (:mod:`featkd.data.loaders`; an
+augmentation policy per (seed, e, sample), mixup / cutmix per (seed, e, batch)), so the teacher sees the same
+batches in every run of the stream and returns the same outputs. A training loader that does not declare this
+(``replayable = True``, as every featkd loader does: one a data set's own ``to_bundle`` made) is refused: the
+cache is off for the run, with one line saying why. The first run
 writes, for every training step, what ``task.forward_teacher`` returned (the logits and the captured
 teacher features); later runs read them and never run the teacher in a training step::
 
@@ -74,6 +77,10 @@ VERSION = 1
 #: the key, the segmentation recipes (scale_range, base_size, crop_size, hflip, storage) included
 NOT_IN_BATCHES = ("eval_batch_size", "num_workers", "download", "eval_window", "eval_stride")
 
+#: data keys added after the key's format was fixed, with the value that leaves the batches as before: in the
+#: key only when set otherwise, so the streams cached before them keep their keys
+LATER_DATA_KEYS = {"augment_policy": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+
 #: input fingerprints agree when within this (float64 sums of float32 inputs; a one-level change of a
 #: single 8-bit pixel moves a sum by ~1e-2, rounding by < 1e-9)
 _FINGERPRINT_ATOL = 1e-6
@@ -122,7 +129,12 @@ def stream_ingredients(run: Run, steps_per_epoch: int) -> dict[str, Any]:
     import featkd
 
     cfg, tc = run.cfg, run.cfg.train
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_BATCHES}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items()
+            if k not in NOT_IN_BATCHES and not (k in LATER_DATA_KEYS and v == LATER_DATA_KEYS[k])}
+    if data.get("augment_policy"):  # torchvision draws the policy's operations: its version shapes the batches
+        import torchvision
+
+        data["torchvision"] = torchvision.__version__
     if data.get("data_dir"):
         data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
     device = run.device
@@ -134,7 +146,7 @@ def stream_ingredients(run: Run, steps_per_epoch: int) -> dict[str, Any]:
                     "state_dict": runfolder.payload_digest(run.teacher.state_dict())},
         "points": list(run.teacher_capture.points), "task": run.task.name,
         "data": data, "seed": tc.seed, "world_size": run.dist.world_size, "steps_per_epoch": steps_per_epoch,
-        "autocast": "bf16" if run.amp else "none",
+        "autocast": getattr(run, "amp_name", "bf16" if run.amp else "none"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "channels_last": tc.channels_last, "compile": tc.compile, "deterministic": tc.deterministic,
@@ -147,8 +159,11 @@ def stream_key(ingredients: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def open_teacher_cache(run: Run, steps_per_epoch: int) -> TeacherCache:
-    """The cache of ``run``'s stream as ``train.teacher_cache`` asks (a pass-through when off)."""
+def open_teacher_cache(run: Run, steps_per_epoch: int, loader: Any = None) -> TeacherCache:
+    """The cache of ``run``'s stream as ``train.teacher_cache`` asks (a pass-through when off).
+
+    ``steps_per_epoch``: the training loader's batches per epoch (forwards, not optimiser steps); ``loader``: the
+    training loader, refused (the cache off, one line) unless it declares ``replayable``."""
     tc = run.cfg.train
     if tc.teacher_cache_max_gb < 0:
         raise ConfigError(f"train.teacher_cache_max_gb: must be >= 0, got {tc.teacher_cache_max_gb!r}")
@@ -162,6 +177,10 @@ def open_teacher_cache(run: Run, steps_per_epoch: int) -> TeacherCache:
     cache = TeacherCache(folder, ingredients, rank=run.dist.rank, steps_per_epoch=steps_per_epoch,
                          max_bytes=int(tc.teacher_cache_max_gb * 1e9) // run.dist.world_size,
                          device=run.device, log=run.log)
+    if loader is not None and not getattr(loader, "replayable", False):
+        cache.refuse(f"the training loader ({type(loader).__name__}) does not say that its batches are a function "
+                     "of (seed, epoch) alone (replayable = True)")
+        return cache
     cached = sum(cache.path(e).is_file() for e in range(tc.epochs))
     run.log(f"teacher cache: {folder} holds {cached} of {tc.epochs} epoch(s) for rank {run.dist.rank}")
     return cache
@@ -271,6 +290,10 @@ class TeacherCache:
     def _run(self, teacher: Callable[[], Outputs]) -> Outputs:
         self.counts["teacher_steps"] += 1
         return teacher()
+
+    def refuse(self, why: str) -> None:
+        """Turn the cache off for this run (nothing read, nothing written), with one line saying ``why``."""
+        self._off(why)
 
     def _off(self, why: str) -> None:
         if self.off_reason is None:

@@ -129,6 +129,7 @@ class CRD(Distiller):
                 raise ConfigError(f"method.{key}: must be {what}, got {getattr(cfg, key)}")
         if cfg.negatives not in NEGATIVES:
             raise ConfigError(f"method.negatives: expected one of {', '.join(NEGATIVES)}, got {cfg.negatives!r}")
+        self.class_targets = cfg.negatives == "other_class"  # negatives of other classes than the target's
         self.pairs = embedding_pairs(cfg.pairs, ctx)
         if len(self.pairs) != 1:
             raise ConfigError(f"method.pairs: CRD contrasts one embedding pair, got {len(self.pairs)}")

@@ -1,4 +1,6 @@
-"""Image classification: targets are class ids (B,), logits (B, K); cross-entropy, Hinton KD, top-1."""
+"""Image classification: targets are class ids (B,), or class probabilities (B, K) (mixup / cutmix batches,
+training only); logits (B, K); cross-entropy, Hinton KD, top-1 (against the most probable class of soft
+targets)."""
 
 from __future__ import annotations
 
@@ -48,12 +50,15 @@ class ClassificationTask(Task):
     model_kind: ClassVar[str] = "classifier"
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), targets)
+        """Cross-entropy against class ids (B,) or class probabilities (B, K) (torch takes either)."""
+        return F.cross_entropy(logits.float(), targets.float() if targets.is_floating_point() else targets)
 
     def kd_loss(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
         return hinton_kd_loss(student_logits, teacher_logits, temperature)
 
     def train_counts(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | int]:
+        if targets.ndim == 2:  # soft targets (mixup / cutmix): counted against their most probable class
+            targets = targets.argmax(1)
         return (logits.detach().argmax(1) == targets).sum(), targets.numel()
 
     def evaluator(self, device: torch.device) -> Evaluator:
