@@ -8,7 +8,9 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 class FeatkdError(Exception):
@@ -25,6 +27,15 @@ class DataError(FeatkdError):
 
 class DivergenceError(FeatkdError):
     """A training loss became NaN or infinite."""
+
+
+def relative_note(path: str | os.PathLike[str]) -> str:
+    """``" (relative to /cwd, the current folder)"`` for a relative ``path``, ``""`` for an absolute one (or
+    ``~/...``): appended to a not-found error, since a relative ``data.data_dir`` or checkpoint is looked for
+    from the folder featkd was started in, which a user does not always see. The one place that says so."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (relative to {os.getcwd()}, the current folder)"
 
 
 def did_you_mean(name: str, candidates: Iterable[str], limit: int = 3) -> str:

@@ -1,5 +1,8 @@
 """``featkd train CONFIG [--set key=value ...] [--epochs N] [--out DIR] [--resume [auto]]``.
 
+``train.stop_after`` applies to the command that gives it: ``--resume`` without it goes on to ``train.epochs``
+(the run's ``config.yaml`` keeps the value that stopped it).
+
 Exit status: 0 when the run ends (finished, or stopped by ``train.stop_after``); 2 for a user error (one line,
 also a checkpoint that cannot be written, or a folder that another live run holds); 128 + the signal's number
 when a stop signal ended it after writing a mid-epoch checkpoint (143 for SIGTERM, 138 for SIGUSR1: as if killed
@@ -58,10 +61,13 @@ def default_out_dir(config: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featkd.config import load_config
+    from featkd.config import load_config, parse_override
+    from featkd.engine import runfolder
     from featkd.engine.trainer import Trainer
     from featkd.errors import FeatkdError
 
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a log file or a job's output gets each line as it is printed
     config = args.config
     if args.resume and args.out is None:
         raise FeatkdError("--resume needs --out DIR (the run folder holding last.pt)")
@@ -69,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.resume:
             raise FeatkdError("give a CONFIG file (or --resume --out DIR to continue a run)")
         config = str(Path(args.out) / "config.yaml")
-    cfg = load_config(config, shortcut_overrides(args))
     out = Path(args.out) if args.out else default_out_dir(args.config)
+    overrides = shortcut_overrides(args)
+    if args.resume and runfolder.holds_checkpoint(out) and not any(
+            parse_override(item)[0] == ["train", "stop_after"] for item in overrides):
+        # a stop belongs to the command that gave it: the run's config.yaml keeps the one that stopped it, and
+        # a resume without one of its own goes on to train.epochs (else it would stop there again, every time)
+        overrides.append("train.stop_after=null")
+    cfg = load_config(config, overrides)
     trainer = Trainer(cfg, out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # how this run was made, for the zoo manifest and for people
         launcher = "torchrun ... -m featkd" if os.environ.get("WORLD_SIZE", "1") != "1" else "featkd"
@@ -80,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if result.stop_signal is not None:  # preempted: the one line was printed, last.pt holds the step
         return 128 + result.stop_signal
     if result.test_metric is not None and os.environ.get("RANK", "0") == "0":
-        print(f"done: test_{result.metric} {result.test_metric:.2f} after {result.epochs} epochs "
-              f"({result.train_seconds:.1f}s); outputs in {out}")
+        stopped = result.status == "stopped"  # by train.stop_after: say that it is not the end of the schedule
+        epochs = f"{result.epochs} of {cfg.train.epochs}" if stopped else f"{result.epochs}"
+        more = f"; continue with featkd train --resume --out {shlex.quote(str(out))}" if stopped else ""
+        print(f"done: test_{result.metric} {result.test_metric:.2f} after {epochs} epochs "
+              f"({result.train_seconds:.1f}s); outputs in {out}{more}")
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featkd.errors import FeatkdError
+from featkd.errors import FeatkdError, relative_note
 from featkd.files import atomic_file
 
 FORMAT = "featkd-checkpoint"
@@ -45,7 +45,7 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)`` on CPU with one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FeatkdError(f"{what} {str(path)!r} not found")
+        raise FeatkdError(f"{what} {str(path)!r} not found{relative_note(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / foreign pickles raise many types
@@ -83,7 +83,7 @@ def load_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch
     """The tensors of a ``.safetensors`` file (needs the optional ``safetensors`` package)."""
     path = Path(path)
     if not path.is_file():
-        raise FeatkdError(f"{what} {str(path)!r} not found")
+        raise FeatkdError(f"{what} {str(path)!r} not found{relative_note(path)}")
     try:
         from safetensors.torch import load_file as load_tensors
     except ImportError:

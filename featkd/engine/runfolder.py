@@ -51,7 +51,8 @@ LOCK = "run.lock"
 RESUMABLE_CHANGES = {
     "train.epochs", "train.stop_after", "train.progress", "train.tensorboard", "train.device", "train.num_threads",
     "train.eval_every", "train.checkpoint_every_steps", "data.num_workers", "data.data_dir",
-    "data.eval_batch_size", "name", "train.teacher_cache", "train.teacher_cache_max_gb",
+    "data.eval_batch_size", "name", "train.teacher_cache", "train.teacher_cache_max_gb", "train.log_every_s",
+    "train.teacher_eval",
 }
 
 
@@ -164,6 +165,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if digest is not None and payload_digest(state) != digest:
         raise FeatkdError(f"checkpoint {str(path)!r} is corrupt (its checksum does not match its contents)")
     return state
+
+
+def holds_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint to resume from (``last.pt`` or ``last.prev.pt``, readable or not)."""
+    last = Path(folder) / LAST
+    return last.exists() or previous_path(last).exists()
 
 
 def describe(state: dict[str, Any]) -> str:
@@ -328,7 +335,7 @@ def check_run_folder(out_dir: Path | None, resume: bool | str, config: dict[str,
         lock.check()  # a live run holds the folder: refuse before anything is built or written
     last = out_dir / LAST
     if not resume:
-        if last.exists() or previous_path(last).exists():
+        if holds_checkpoint(out_dir):
             raise FeatkdError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it "
                               "or choose another --out")
         return None

@@ -6,9 +6,16 @@ configured :class:`~featkd.methods.base.Distiller`, captures), adds loader, opti
     for epoch:  distiller.on_epoch_start
         for batch:  teacher forward (frozen, no_grad; or read from train.teacher_cache)
                     -> student forward (captures) -> distiller losses -> NaN/inf check -> backward
-                    -> clip -> optimizer & per-iteration LR step
+                    (/ N, scaled under fp16; every train.accumulate = N micro-batches, DDP's all-reduce on the last:)
+                    -> unscale -> clip -> optimizer & per-step LR step
                     -> distiller.on_step_end
         distiller.on_epoch_end -> evaluate -> checkpoint (last/best, atomic) -> metrics
+
+With ``train.amp: fp16`` the backward runs on the loss scaled by a ``torch.amp.GradScaler`` (unscaled before
+clipping; a step whose gradients overflowed is skipped and the scale lowered); the scaler's state is in every
+checkpoint, so a resumed run scales as the uninterrupted one. With ``train.accumulate: N`` an epoch's
+``len(loader)`` micro-batches make ``ceil(len / N)`` optimiser steps (the last group may be shorter: its losses
+are divided by its own size); mid-epoch checkpoints and stops fall on optimiser steps.
 
 There is no method- or task-specific branch here: a method's needs go through the distiller's hooks, a
 task's (logits of an output, training metric, evaluation) through :class:`~featkd.tasks.Task`.
@@ -26,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +43,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from featkd.config import ExperimentConfig, dump_yaml
+from featkd.config import ExperimentConfig, dump_yaml, optimizer_class
 from featkd.distributed import gather_objects
 from featkd.engine import checkpoint as ckpt
 from featkd.engine import runfolder
 from featkd.engine.build import build_run
-from featkd.engine.logging import MetricsWriter, format_epoch, progress
-from featkd.engine.schedule import lr_factor
+from featkd.engine.logging import MetricsWriter, StepLines, bars_shown, format_epoch, progress, require_wandb
+from featkd.engine.schedule import WARMUP_FIT, fitted_warmup, lr_factor
 from featkd.engine.step import TrainStep, teacher_outputs
 from featkd.engine.teacher_cache import open_teacher_cache
+from featkd.engine.teacher_eval import teacher_test_metrics
 from featkd.errors import ConfigError, DivergenceError, FeatkdError
 from featkd.files import atomic_write_json
 from featkd.methods.base import RunContext
@@ -142,6 +151,8 @@ class Trainer:
             self._rotate, self._saved_at = found.rotate, found.saved_at
         self.run = run = build_run(cfg, log)
         self.log = run.log
+        if tc.wandb is not None and self.out_dir is not None and run.dist.is_main:
+            require_wandb()  # a missing package: one line, before the run folder is created
         self.dist, self.device, self.amp, self.data, self.task = run.dist, run.device, run.amp, run.data, run.task
         self.teacher, self.student, self.distiller = run.teacher, run.student, run.distiller
         self.teacher_capture, self.student_capture = run.teacher_capture, run.student_capture
@@ -151,11 +162,15 @@ class Trainer:
             cfg.data.batch_size, seed=tc.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             device=self.device, drop_last=True,
         )
-        self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
+        self.batches_per_epoch = len(self.train_loader)  # forwards (micro-batches) per epoch
+        if self.batches_per_epoch == 0:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the training split "
                               f"({self.data.train_size} samples); no full batch to train on")
-        self.teacher_cache = open_teacher_cache(run, self.steps_per_epoch)  # a pass-through when off
+        self.accumulate = tc.accumulate
+        # optimiser steps per epoch: one per `accumulate` micro-batches, a shorter group last when they do not divide
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
+        # a pass-through when off; it keeps one entry per forward
+        self.teacher_cache = open_teacher_cache(run, self.batches_per_epoch, self.train_loader)
         self.module: nn.Module = TrainStep(self.student_capture, self.distiller)
         if tc.compile:
             self.module = torch.compile(self.module)
@@ -172,9 +187,13 @@ class Trainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         extra = [p for p in self.distiller.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(params, extra)
+        # fp16: the loss scaled against gradient underflow; a disabled scaler passes everything through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp_dtype == torch.float16)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg.optim, tc.epochs, self.steps_per_epoch)
         )
+        if self.dist.is_main:
+            self._warn_short_warmups()
         self.start_epoch, self.global_step = 0, 0
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
@@ -186,22 +205,39 @@ class Trainer:
             self._lock.acquire(self.log)  # creates the folder; refuses if a live run took it meanwhile
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
-            self.writer = MetricsWriter(self.out_dir, tc.tensorboard, self.log)
+            self.writer = MetricsWriter(self.out_dir, tc.tensorboard, self.log, wandb=tc.wandb, config=cfg.to_dict())
 
     # ---- set-up helpers ---------------------------------------------------------------------------------
+    def _warn_short_warmups(self) -> None:
+        """One warning line for each warm-up the run is too short for: the learning rate's (the schedule shortens
+        it, :func:`~featkd.engine.schedule.fitted_warmup`) and a method's weight ramp (its ``warmup_note``)."""
+        oc, epochs = self.cfg.optim, self.cfg.train.epochs
+        used = fitted_warmup(oc, epochs)
+        if used != oc.warmup_epochs:
+            _warn(f"optim.warmup_epochs: {oc.warmup_epochs:g} is not shorter than the run ({epochs} epochs); "
+                  f"warming up for {used:g} epochs instead ({WARMUP_FIT:.0%} of the run)")
+        note = self.distiller.warmup_note(epochs)
+        if note:
+            _warn(note)
+
     def _make_optimizer(self, params: list, extra: list) -> torch.optim.Optimizer:
+        """``optim.optimizer`` (any torch.optim class) over the student's and the distiller's parameters; values
+        it refuses (betas out of range, parameters it cannot take) are one line."""
         oc = self.cfg.optim
         groups = [{"params": params}] + ([{"params": extra}] if extra else [])
-        if oc.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov and oc.momentum > 0,
-                                   weight_decay=oc.weight_decay)
-        return torch.optim.AdamW(groups, lr=oc.lr, weight_decay=oc.weight_decay)
+        cls = optimizer_class(oc.optimizer)
+        try:
+            return cls(groups, **oc.optimizer_kwargs())
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"optim: {cls.__name__} refused its arguments ({' '.join(str(exc).split())})") from None
 
     def _load_state(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         self.best = state["best"]
@@ -217,7 +253,7 @@ class Trainer:
             self._partial = {"epoch": self.start_epoch, "batch": batch, **partial[self.dist.rank]}
             for name, value in self._partial["rank_local"].items():
                 self.distiller.get_buffer(name).copy_(value)
-        where = f"at step {batch}/{self.steps_per_epoch} of epoch {self.start_epoch + 1}" if batch else \
+        where = f"at step {batch}/{self.batches_per_epoch} of epoch {self.start_epoch + 1}" if batch else \
             f"after epoch {self.start_epoch}"
         self.log(f"resumed from {self._resumed_from} {where}")
 
@@ -264,16 +300,27 @@ class Trainer:
         ctx = self.context()
         teacher_acc = None
         metric = self.task.metric
-        if self.teacher is not None and tc.epochs > self.start_epoch:
-            teacher_acc = self.evaluate(self.teacher)[metric]
-            self.log(f"teacher {cfg.teacher.model}: test_{metric} {teacher_acc:.2f}")
+        end = min(tc.epochs, tc.stop_after) if tc.stop_after else tc.epochs
+        if self.teacher is not None:  # once per teacher and evaluation data (train.teacher_eval), not every start
+            teacher_metrics, cached = teacher_test_metrics(
+                self.run, tc.teacher_eval, self.out_dir, lambda: self.evaluate(self.teacher),
+                lookup_only=end <= self.start_epoch)  # nothing to train: a remembered number or none
+            teacher_acc = teacher_metrics.get(metric) if teacher_metrics is not None else None
+            if teacher_acc is not None:
+                self.log(f"teacher {cfg.teacher.model}: test_{metric} {teacher_acc:.2f}{' (cached)' if cached else ''}")
+        if tc.stop_after and end <= self.start_epoch < tc.epochs:
+            self.log(f"train.stop_after={tc.stop_after}: {self.start_epoch} epochs are done already; nothing to train "
+                     f"(leave it out to go on to train.epochs={tc.epochs})")
         self.distiller.setup(ctx)
         self.log(f"{self.data.describe()} | student {cfg.student.model} | method {cfg.method_name} | "
-                 f"{self.dist.world_size} process(es) on {self.device}{' bf16' if self.amp else ''}")
+                 f"{self.dist.world_size} process(es) on {self.device}{f' {self.run.amp_name}' if self.amp else ''}")
         start = time.perf_counter()
         status = "finished"
-        end = min(tc.epochs, tc.stop_after) if tc.stop_after else tc.epochs
         stop_signal = None
+        # off a terminal (no bars): a line every train.log_every_s seconds inside each epoch
+        every = tc.log_every_s if self.dist.is_main and not bars_shown(tc.progress, True) else 0.0
+        self._step_lines = StepLines(every, self.log, epochs=tc.epochs, end=end, steps=self.batches_per_epoch,
+                                     batch_size=cfg.data.batch_size)
         try:
             for epoch in range(self.start_epoch, end):
                 self._train_epoch(epoch, ctx)
@@ -313,21 +360,26 @@ class Trainer:
         if partial is not None:
             first, sums, correct, seen, t0 = self._restore_partial(partial, t0)
         self.teacher_cache.begin_epoch(epoch, first)
+        self._step_lines.start(epoch, first)
         # a mid-epoch resume replays the epoch's order and augmentation from its batch `first` on
         batches = progress(itertools.islice(self.train_loader, first, None), len(self.train_loader) - first,
                            f"epoch {epoch + 1}/{tc.epochs}", tc.progress, self.dist.is_main)
         needs_indices = self.run.method_cls.needs_indices
         for done, (x, y) in enumerate(batches, start=first + 1):
             indices = getattr(self.train_loader, "batch_indices", None) if needs_indices else None
-            losses, s_logits = self.train_step(x, y, epoch, indices)
-            self.distiller.on_step_end(self.global_step - 1, ctx)
+            losses, s_logits = self.train_step(x, y, epoch, indices, batch=done - 1)
+            micro, size = self._group(done - 1)
+            if micro == size - 1:  # an optimiser step
+                self.distiller.on_step_end(self.global_step - 1, ctx)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             counts = self.task.train_counts(s_logits, y)
             if counts is not None:  # a task without a training metric (detection) returns None
                 correct += counts[0]
                 seen += counts[1]
-            self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
+            self._step_lines.after(done, lambda: float(sum(sums.values())))  # this rank's sums so far
+            if micro == size - 1:
+                self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
         self.teacher_cache.end_epoch(epoch)
         self.distiller.on_epoch_end(epoch, ctx)
         record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
@@ -348,31 +400,52 @@ class Trainer:
         if lines and self.out_dir is not None and self.dist.is_main:
             runfolder.append_skipped(self.out_dir, lines, self.log)
 
-    def train_step(self, x: Tensor, y: Any, epoch: int, indices: Tensor | None = None
-                   ) -> tuple[dict[str, Tensor], Any]:
-        """One optimiser step on batch ``(x, y)`` (``indices``: its training-split indices, for methods that
-        need them): forward both nets, losses, checks, backward, update.
+    def _group(self, batch: int) -> tuple[int, int]:
+        """``(place, size)`` of the epoch's micro-batch ``batch`` (0-based) in its group of ``train.accumulate``
+        (the epoch's last group holds what is left)."""
+        start = batch - batch % self.accumulate
+        return batch - start, min(self.accumulate, self.batches_per_epoch - start)
 
-        Returns the (weighted) loss terms and the student's logits. Distiller hooks are not called here.
+    def train_step(self, x: Tensor, y: Any, epoch: int, indices: Tensor | None = None, batch: int | None = None
+                   ) -> tuple[dict[str, Tensor], Any]:
+        """Forward both nets on batch ``(x, y)`` (``indices``: its training-split indices, for methods that need
+        them), losses, checks, backward; then, on the last micro-batch of a ``train.accumulate`` group, the update.
+
+        ``batch``: its index in the epoch (the loop's); None: one optimiser step on this batch alone (benchmarks).
+        Returns the (weighted, undivided) loss terms and the student's logits. Distiller hooks are not called here.
         """
         step = self.global_step
-        with self.autocast():
-            x = self.run.prepare_input(x)
-            t_logits, t_feats = None, {}
-            if self.teacher_capture is not None:
-                t_logits, t_feats = self.teacher_cache.outputs(  # read from train.teacher_cache, or run
-                    epoch, step - epoch * self.steps_per_epoch, x,
-                    lambda: teacher_outputs(self.task, self.teacher_capture, x))
-            losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, step, indices)
-        total = sum(losses.values())
-        self._check_finite(total, losses, epoch, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        micro, size = (0, 1) if batch is None else self._group(batch)
+        # the forward's index: the optimiser step without accumulation, else the micro-batch (Batch.step)
+        forward = step if batch is None else epoch * self.batches_per_epoch + batch
+        last = micro == size - 1
+        with contextlib.ExitStack() as stack:
+            if self.dist.enabled and not last:  # DDP all-reduces the group's summed gradients once, on its last
+                stack.enter_context(self.module.no_sync())
+            with self.autocast():
+                x = self.run.prepare_input(x)
+                t_logits, t_feats = None, {}
+                if self.teacher_capture is not None:
+                    t_logits, t_feats = self.teacher_cache.outputs(  # read from train.teacher_cache, or run
+                        epoch, step - epoch * self.steps_per_epoch if batch is None else batch, x,
+                        lambda: teacher_outputs(self.task, self.teacher_capture, x))
+                losses, s_logits = self.module(x, y, t_logits, t_feats, epoch, forward, indices)
+            total = sum(losses.values())
+            self._check_finite(total, losses, epoch, step)
+            if micro == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total / size if size > 1 else total).backward()
+        if not last:
+            return losses, s_logits
         if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (nothing to do without fp16)
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                      self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed (then the scale is lowered)
+        self.scaler.update()
+        with warnings.catch_warnings():  # a skipped first fp16 step makes torch warn about the order; it is meant
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.global_step += 1
         return losses, s_logits
 
@@ -403,7 +476,7 @@ class Trainer:
         stats = torch.stack([*(sums[k] for k in keys), correct.float(),
                              torch.as_tensor(seen, dtype=torch.float32, device=self.device)]).double()
         self.dist.all_reduce_sum(stats)
-        steps = self.steps_per_epoch * self.dist.world_size
+        steps = self.batches_per_epoch * self.dist.world_size  # the terms are means over forwards
         record: dict[str, Any] = {"epoch": epoch + 1, "step": self.global_step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
         terms = {f"train_{k}": stats[i].item() / steps for i, k in enumerate(keys)}
@@ -420,7 +493,7 @@ class Trainer:
         record.update(self.distiller.metrics())
         record["epoch_time"] = seconds
         # every step takes one full global batch (drop_last); counted this way for every task (not metric counts)
-        record["train_images_per_s"] = self.steps_per_epoch * self.cfg.data.batch_size / max(seconds, 1e-9)
+        record["train_images_per_s"] = self.batches_per_epoch * self.cfg.data.batch_size / max(seconds, 1e-9)
         return record
 
     def _sync_student_buffers(self) -> None:
@@ -452,6 +525,7 @@ class Trainer:
             "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epochs_done, "step": self.global_step,
             "batch": 0, "student": self.student.state_dict(), "distiller": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
             "rng": rng, "config": self.cfg.to_dict(), "history": self.history, "best": self.best,
         }
 
@@ -477,7 +551,7 @@ class Trainer:
         """After step ``done`` (1-based) of ``epoch``: a mid-epoch checkpoint when due (every
         ``train.checkpoint_every_steps`` steps, or a stop signal that every rank now knows of), then the stop.
         The epoch's last step is left to the epoch's own checkpoint (the stop follows it, in :meth:`fit`)."""
-        if done >= self.steps_per_epoch:
+        if done >= self.batches_per_epoch:
             return
         every = self.cfg.train.checkpoint_every_steps
         if self._stop_agreed or (every > 0 and self.global_step % every == 0):
@@ -514,7 +588,7 @@ class Trainer:
     def _stop(self, epochs_done: int, batch: int) -> None:
         """Say where the run stopped and leave the loop (every rank reaches this at the same step)."""
         signum = self._stop_signal or int(signal.SIGTERM)  # a rank without a signal of its own follows the others
-        where = (f"at step {batch}/{self.steps_per_epoch} of epoch {epochs_done + 1}" if batch
+        where = (f"at step {batch}/{self.batches_per_epoch} of epoch {epochs_done + 1}" if batch
                  else f"after epoch {epochs_done}")
         saved = f"; {self.out_dir / runfolder.LAST} holds it, continue with --resume" if self.out_dir else ""
         self.log(f"stopped by {signal.Signals(signum).name} {where} (iteration {self.global_step}){saved}")

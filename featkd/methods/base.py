@@ -58,8 +58,9 @@ class DistillerConfig:
 class Batch:
     """One training batch with both networks' outputs.
 
-    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,) class ids, (B, H, W) masks, or (detection) a list
-    of B dicts (``boxes`` (N, 4), ``labels`` (N,), ...); logits (B, K) or (B, K, H, W) (the task's view of
+    Shapes: ``inputs`` (B, C, H, W); ``targets`` (B,) class ids, (B, K) class probabilities (mixup / cutmix
+    training batches), (B, H, W) masks, or (detection) a list of B dicts (``boxes`` (N, 4), ``labels`` (N,), ...);
+    logits (B, K) or (B, K, H, W) (the task's view of
     the output; None for detection); features as captured (e.g. (B, C_i, H_i, W_i)).
     ``teacher_logits`` is None when the method needs no teacher or the task has no logits.
     ``task_losses``: the student's own loss terms when the model computes them (a detector in train mode;
@@ -73,7 +74,9 @@ class Batch:
     teacher_logits: Tensor | None = None
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     epoch: int = 0
-    step: int = 0  # global optimiser step (0-based) this batch belongs to
+    # global training step (0-based): the optimiser step, or with train.accumulate N > 1 the micro-batch (N per
+    # optimiser step), so per-step draws (CRD's negatives) differ between the micro-batches of one update
+    step: int = 0
     task_losses: dict[str, Tensor] | None = None
     #: (B,) int64: each sample's index in the training split (0 .. train_size - 1), on the inputs' device;
     #: set only for methods with ``needs_indices`` (a per-sample memory: CRD), else None
@@ -168,6 +171,9 @@ class Distiller(nn.Module):
     #: the method reads ``Batch.indices`` (training-split index of each sample): the trainer passes the
     #: train loader's ``batch_indices`` (every classification loader, in memory or streamed, records them)
     needs_indices: ClassVar[bool] = False
+    #: the method reads ``Batch.targets`` as class ids (B,): soft targets (data.mixup_alpha / cutmix_alpha) are
+    #: refused at build time; an instance may set it from its options (CRD's other-class negatives)
+    class_targets: bool = False
     #: the tasks the method is defined for (None: any), and why, for the error on another task
     tasks: ClassVar[tuple[str, ...] | None] = None
     task_reason: ClassVar[str] = ""
@@ -214,3 +220,9 @@ class Distiller(nn.Module):
     def metrics(self) -> dict[str, float]:
         """Extra numbers to log with each epoch (e.g. the mean matching cost)."""
         return {}
+
+    def warmup_note(self, epochs: int) -> str | None:
+        """One line (naming the option and its value) when the method's own weight ramp has not reached its full
+        weight by the last of ``epochs`` epochs, else None; the trainer prints it as a warning when a run is
+        built, so a short trial run does not silently train without the method."""
+        return None

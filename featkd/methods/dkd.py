@@ -75,6 +75,7 @@ class DKD(Distiller):
     Config = DKDConfig
     tasks = ("classification",)
     task_reason = "its two terms split each example's class distribution at the label"
+    class_targets = True  # the label splits the distribution: class ids, not mixup's soft targets
 
     def __init__(self, cfg: DKDConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
@@ -85,6 +86,13 @@ class DKD(Distiller):
                 raise ConfigError(f"method.{key}: must be >= 0, got {getattr(cfg, key)}")
         if cfg.warmup < 0:
             raise ConfigError(f"method.warmup: must be >= 0 epochs, got {cfg.warmup}")
+
+    def warmup_note(self, epochs: int) -> str | None:
+        factor = warmup_factor(epochs - 1, self.cfg.warmup)
+        if factor >= 1.0:
+            return None
+        return (f"method.warmup: {self.cfg.warmup} epochs is longer than the run ({epochs} epochs): the DKD term "
+                f"reaches only {factor:.0%} of its weight at the last epoch; lower method.warmup")
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg

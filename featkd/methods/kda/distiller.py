@@ -158,6 +158,7 @@ class KDA(Distiller):
         m = ctx.num_classes if class_based else (cfg.num_landmarks or ctx.num_classes)
         self.num_landmarks, self.weight = m, cfg.effective_weight
         self.accumulates = cfg.landmarks in ("class-means", "kmeans")
+        self.class_targets = cfg.landmarks == "class-means"  # the batch's labels pick the landmarks it adds to
         f32, f64 = torch.float32, torch.float64
         self.register_buffer("t_centres", torch.zeros(m, d_t, dtype=f32))
         self.register_buffer("s_centres", torch.zeros(m, d_s, dtype=f32))
@@ -194,6 +195,12 @@ class KDA(Distiller):
             k_t = kernel(t, ct, kind, rbf_gamma(t, ct) if kind == "rbf" else None)
         k_s = kernel(s, cs, kind, rbf_gamma(s, cs) if kind == "rbf" else None)
         return k_s, k_t
+
+    def warmup_note(self, epochs: int) -> str | None:
+        if self.cfg.warmup_epochs < epochs or not self.cfg.effective_weight:
+            return None
+        return (f"method.warmup_epochs: {self.cfg.warmup_epochs}: the KDA term never switches on in a run of "
+                f"{epochs} epochs (it starts after the warm-up); lower method.warmup_epochs")
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.cfg.warmup_epochs and bool(self.has_centre.any())
