@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from featkd.data import DataConfig
 from featkd.errors import ConfigError, did_you_mean
+from featkd.resources import missing_config_hint
 
 T = TypeVar("T")
 
@@ -40,15 +41,41 @@ class ModelConfig:
     checkpoint: str | None = None
 
 
+#: torch.optim classes the trainer cannot drive (it calls ``step()`` without a closure, on dense gradients), and why
+_UNDRIVABLE_OPTIMIZERS = {"LBFGS": "it needs a closure that re-runs the forward",
+                          "SparseAdam": "it takes sparse gradients only"}
+
+
+def optimizer_class(name: str, path: str = "optim.optimizer") -> type:
+    """The ``torch.optim`` class named ``name``, case-insensitively (``sgd``, ``adamw``, ``Adam``, ``rmsprop``,
+    ``NAdam``); a one-line ConfigError naming the choices otherwise."""
+    import torch.optim  # local: only the optimiser's name needs torch here
+
+    classes = {n.lower(): c for n in dir(torch.optim) if isinstance(c := getattr(torch.optim, n), type)
+               and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    cls = classes.get(name.lower())
+    if cls is None:
+        names = sorted(c.__name__ for c in classes.values())
+        raise ConfigError(f"{path}: {name!r} is not a torch.optim optimiser{did_you_mean(name, names)} "
+                          f"(allowed: {', '.join(names)})")
+    if cls.__name__ in _UNDRIVABLE_OPTIMIZERS:
+        raise ConfigError(f"{path}: {cls.__name__} cannot be used here: {_UNDRIVABLE_OPTIMIZERS[cls.__name__]}")
+    return cls
+
+
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule (the schedule is stepped every iteration)."""
+    """Optimiser and learning-rate schedule (the schedule is stepped every optimiser step)."""
 
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # sgd | adamw, or any torch.optim class by name (Adam, RMSprop, NAdam, ...; case-insensitive); every optimiser
+    # gets lr and weight_decay from here, SGD momentum and nesterov too, anything else through `options`
+    optimizer: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # SGD only (other optimisers: options, e.g. RMSprop {momentum: 0.9})
+    nesterov: bool = True  # SGD only
     weight_decay: float = 5e-4
+    options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the optimiser, e.g.
+    # {betas: [0.9, 0.99], eps: 1.0e-8} for Adam (lists become tuples); names checked against its signature
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # "step": epochs (>= 1) or fractions
     gamma: float = 0.1  # "step": factor at each milestone
@@ -70,6 +97,51 @@ class OptimConfig:
             (all(m > 0 for m in self.milestones), "milestones",
              "positive: fractions of the run (< 1) or epochs (>= 1)"),
         ])
+        self.optimizer_kwargs(path)  # the name and the option names (their values: when the optimiser is built)
+
+    def optimizer_kwargs(self, path: str = "optim") -> dict[str, Any]:
+        """The keyword arguments of :func:`optimizer_class` ``(self.optimizer)`` besides the parameter groups;
+        one-line ConfigError for an option the optimiser does not take (naming the ones it does)."""
+        import inspect
+
+        cls = optimizer_class(self.optimizer, f"{path}.optimizer")
+        accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")]
+        kwargs: dict[str, Any] = {"lr": self.lr}
+        own = {"lr", "weight_decay"}
+        if "weight_decay" in accepted:
+            kwargs["weight_decay"] = self.weight_decay
+        elif self.weight_decay:
+            raise ConfigError(f"{path}.weight_decay: {cls.__name__} takes no weight decay; set it to 0")
+        if cls.__name__ == "SGD":  # the section's momentum / nesterov keys are SGD's (as before: sgd | adamw)
+            kwargs.update(momentum=self.momentum, nesterov=self.nesterov and self.momentum > 0)
+            own |= {"momentum", "nesterov"}
+        for key, value in self.options.items():
+            if key in own:
+                raise ConfigError(f"{path}.options.{key}: set {path}.{key} instead")
+            if key not in accepted:
+                rest = [n for n in accepted if n not in own]
+                raise ConfigError(f"{path}.options.{key}: {cls.__name__} takes no argument {key!r}"
+                                  f"{did_you_mean(str(key), rest)} (it takes: {', '.join(rest)})")
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return kwargs
+
+
+@dataclass
+class WandbConfig:
+    """``train.wandb``: the epoch records also go to Weights & Biases (rank 0; ``pip install wandb``)."""
+
+    project: str | None = None  # null: wandb's default project
+    name: str | None = None  # the run's display name (null: the run folder's name)
+    entity: str | None = None  # team or user (null: wandb's default)
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None  # null: wandb's own default (WANDB_MODE)
+
+
+def amp_mode(amp: str | bool) -> str:
+    """``train.amp`` as one of auto | bf16 | fp16 | none (YAML's true reads as bf16, false / off as none)."""
+    if isinstance(amp, bool):
+        return "bf16" if amp else "none"
+    return amp
 
 
 @dataclass
@@ -80,7 +152,14 @@ class TrainConfig:
     stop_after: int | None = None  # stop after this many epochs (the schedule still spans `epochs`); resume later
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)
-    amp: Literal["auto", "bf16", "none"] = "auto"  # auto = bf16 autocast on CUDA, none on CPU
+    # autocast: auto = bf16 on CUDA (where the GPU has it), none on the CPU; bf16; fp16 = float16 with gradient
+    # scaling (torch.amp.GradScaler; CUDA, and the CPU, where torch's CPU autocast runs it, slowly: for checks);
+    # none. YAML's true reads as bf16, false / off as none
+    amp: Literal["auto", "bf16", "fp16", "none"] | bool = "auto"
+    # the optimiser steps every N micro-batches of data.batch_size (the global batch of one forward): an effective
+    # batch of N x data.batch_size; the losses are divided by N, the LR schedule, checkpoint_every_steps and the
+    # method's on_step_end count optimiser steps; under DDP the gradients are all-reduced once per optimiser step
+    accumulate: int = 1
     deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN benchmarking
     num_threads: int | None = None  # torch CPU threads per process (None = torch's default)
     sync_batchnorm: bool = False  # the student's and the distiller's BatchNorms -> SyncBatchNorm under DDP (CUDA only)
@@ -90,7 +169,13 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # tqdm bars on rank 0 (auto: when stderr is a terminal); YAML's bare on/off read as true/false, both accepted
     progress: Literal["auto", "on", "off"] | bool = "auto"
+    # where no bars are shown (stdout in a log file, a cluster job): a line with step, images/s, loss and the ETA of
+    # the epoch and of the run every N seconds (rank 0); 0: off, the epoch lines only
+    log_every_s: float = 30.0
     tensorboard: bool = True  # write TensorBoard scalars when the tensorboard package is installed
+    # {project: ..., name: ...}: rank 0 also sends the epoch records of a run with a folder (--out) to Weights &
+    # Biases (imported only then: pip install wandb; a resume continues the W&B run); null: off
+    wandb: WandbConfig | None = None
     save_best: bool = True  # keep best.pt, by validation accuracy if data.val_fraction > 0 else test accuracy
     channels_last: bool = False  # models and 4-D input batches in torch.channels_last memory format (GPU speed)
     compile: bool = False  # torch.compile the student's and the teacher's forward (results unchanged)
@@ -99,6 +184,9 @@ class TrainConfig:
     # teacher, with results unchanged (featkd/engine/teacher_cache.py); null: off
     teacher_cache: str | None = None
     teacher_cache_max_gb: float = 10.0  # at most this much per stream on disk; epochs beyond it run the teacher
+    # the teacher's test evaluation before training: auto = once per (teacher weights, evaluation data), remembered
+    # in the run folder and in $FEATKD_CACHE/teacher-evals (featkd/engine/teacher_eval.py); always; off
+    teacher_eval: Literal["auto", "always", "off"] = "auto"
 
     def validate(self, path: str = "train") -> None:
         """Check the values (the config loader calls this); one-line ConfigError naming the key."""
@@ -108,8 +196,10 @@ class TrainConfig:
             (self.seed >= 0, "seed", ">= 0"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads", "null or a positive integer"),
             (self.eval_every >= 1, "eval_every", "a positive integer"),
+            (self.accumulate >= 1, "accumulate", "a positive integer (micro-batches per optimiser step)"),
             (self.checkpoint_every_steps >= 0, "checkpoint_every_steps", ">= 0 (0: at epoch ends only)"),
             (self.teacher_cache_max_gb >= 0, "teacher_cache_max_gb", ">= 0"),
+            (self.log_every_s >= 0, "log_every_s", ">= 0 (0: off)"),
         ])
 
 
@@ -121,11 +211,9 @@ def _check(obj: Any, path: str, checks: list[tuple[bool, str, str]]) -> None:
 
 
 def check_schedule(optim: OptimConfig, epochs: int) -> None:
-    """The checks of ``optim`` that depend on the run's length ``train.epochs``: the warm-up is shorter than
-    the run and, for the ``step`` schedule, the milestones increase and fall inside it."""
-    if optim.warmup_epochs >= epochs and optim.warmup_epochs > 0:
-        raise ConfigError(f"optim.warmup_epochs: {optim.warmup_epochs:g} is not shorter than the run "
-                          f"({epochs} epochs); lower optim.warmup_epochs or raise train.epochs")
+    """The checks of ``optim`` that depend on the run's length ``train.epochs``: for the ``step`` schedule, the
+    milestones increase and fall inside it. A warm-up as long as the run or longer is no error: the schedule
+    shortens it (:func:`featkd.engine.schedule.fitted_warmup`), so a short trial run of a long recipe works."""
     if optim.schedule != "step":
         return
     at = [m * epochs if m < 1 else m for m in optim.milestones]  # in epochs
@@ -176,6 +264,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
         return str(tp).replace("typing.", "")
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of options"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -196,6 +286,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(sections) == 1:  # an optional section: its own key errors
+            return _convert(value, sections[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -323,7 +416,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
+
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, the current folder)"
+        raise ConfigError(f"config file {str(path)!r} not found{where}{missing_config_hint(path)}")
     try:
         data = _yaml().safe_load(path.read_text())
     except Exception as exc:  # report YAML syntax errors in one line with the file name

@@ -80,12 +80,42 @@ def example_config(name: str) -> Path:
     return found[key]
 
 
+def missing_config_hint(path: Path) -> str:
+    """What to add to "config file PATH not found": how to get the file from the shipped examples.
+
+    ``featkd train configs/NAME.yaml`` after a pip install, in a folder without the repository's ``configs/``,
+    is the usual case: when NAME is a shipped config the hint is the ``featkd configs copy`` command that writes
+    exactly PATH (with its base/ files); a near name is suggested the same way; anything else points at
+    ``featkd configs list``. Empty when the shipped configs cannot be read, or for a run's ``config.yaml``.
+    """
+    if path.name == "config.yaml":  # a run folder's (featkd train --resume --out RUN): not an example
+        return ""
+    try:
+        found = [n for n in example_configs() if not n.startswith("base/")]
+    except FeatkdError:
+        return ""
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    dest = str(path.parent) if str(path.parent) not in ("", ".") else "."
+    if path.parent.name == "base" and f"base/{stem}" in example_configs():
+        return (f"; it is a shipped base file: `featkd configs copy NAME {path.parent.parent}` writes a config "
+                "together with the base/ files it needs")
+    if stem in found:
+        return (f"; it is one of featkd's shipped configs: `featkd configs copy {stem} {dest}` writes it there "
+                "(with the base/ files it needs)")
+    close = did_you_mean(stem, found, limit=1)
+    if close:
+        name = close.split("'")[1]
+        return (f"; the nearest shipped config is {name!r}: `featkd configs copy {name} {dest}` writes "
+                f"{Path(dest) / (name + '.yaml')}")
+    return "; `featkd configs list` shows the shipped configs, `featkd configs copy NAME .` copies one here"
+
+
 def base_chain(path: Path) -> list[Path]:
     """The files that ``path``'s ``base:`` entries merge in, nearest first (each relative to its own file)."""
-    from featkd.config import read_yaml
+    import yaml  # a shipped config (resources sits below featkd.config, which reads the user's files)
 
     chain: list[Path] = []
-    while isinstance(base := read_yaml(path).get("base"), str):
+    while isinstance(base := (yaml.safe_load(path.read_text()) or {}).get("base"), str):
         path = (path.parent / base).resolve()
         if path in chain:
             raise FeatkdError(f"{path}: 'base' files include each other in a loop")

@@ -29,6 +29,13 @@ def test_every_config_loads_and_its_checkpoints_resolve(path):
         if spec is None or not spec.checkpoint:
             continue
         where = f"{path.name}: {role}.checkpoint {spec.checkpoint}"
+        if spec.checkpoint.startswith("runs/"):  # the run folder of a shipped teacher config, trained first
+            first = ROOT / "configs" / f"{spec.checkpoint.removeprefix('runs/')}.yaml"  # its default --out
+            assert first.is_file(), f"{where}: no shipped config {first.name} trains it"
+            teacher = load_config(first)
+            assert teacher.method_name == "none" and teacher.student.model == spec.model, where
+            assert teacher.data.dataset == cfg.data.dataset, where
+            continue
         if not spec.checkpoint.startswith("zoo:"):
             assert (ROOT / spec.checkpoint).exists(), f"{where} is not in the repository"
             continue
