@@ -311,6 +311,31 @@ def test_annotations_are_packed_in_flat_arrays(tmp_path):
     assert split.segmentation(0) == polygon(20, 40, 100, 60)
 
 
+def test_a_second_build_streams_from_the_packed_cache_without_parsing_the_json(tmp_path, monkeypatch):
+    """COCO train2017's JSON takes ~20 s and ~2 GB to parse: it is packed once, and later runs read the arrays;
+    an edited annotation file is parsed again."""
+    import featkd.data.det_datasets as det_datasets
+
+    monkeypatch.setenv("FEATKD_CACHE", str(tmp_path / "cache"))
+    root = write_coco(tmp_path / "coco")
+    cfg = DataConfig(dataset="coco", data_dir=str(root), masks=True, resize_short=[40, 60], resize_max=150)
+    first = build_data(cfg)
+    assert len(list((tmp_path / "cache" / "coco-packed").glob("*.npz"))) == 1
+
+    def no_parse(*_a, **_k):
+        raise AssertionError("the annotation file was parsed again")
+
+    monkeypatch.setattr(det_datasets, "read_instances", no_parse)
+    second = build_data(cfg)
+    assert second.describe() == first.describe()
+    assert _same(_batches(first, epoch=1), _batches(second, epoch=1))
+    assert [y[0]["image_id"] for _, y in second.test_loader(1)] == [y[0]["image_id"] for _, y in first.test_loader(1)]
+    train_json = root / "annotations" / "instances_train2017.json"
+    train_json.write_text(train_json.read_text() + " ")  # edited: a new size and time, so a new key
+    with pytest.raises(AssertionError, match="parsed again"):
+        build_data(cfg)
+
+
 def test_a_large_split_packs_into_a_few_hundred_bytes_per_image(tmp_path):
     n = 20_000  # two annotations each (polygons): what a streamed run holds per image, all arrays counted
     data = {"images": [{"id": i, "file_name": f"{i:06d}.jpg", "height": 480 + i % 3, "width": 640} for i in range(n)],

@@ -26,11 +26,24 @@ the same ones.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+import numpy as np
 
 from featkd.data.coco import CocoInstances, read_instances
 from featkd.data.config import DATASETS, DataConfig
-from featkd.data.det_stream import StreamDetectionSource, detection_storage, image_sizes, pack_split
+from featkd.data.det_stream import (
+    StreamDetectionSource,
+    annotation_counts,
+    detection_storage,
+    image_sizes,
+    load_packed,
+    pack_split,
+    packed_cache_dir,
+    packed_cache_key,
+    save_packed,
+)
 from featkd.data.detection import DetectionSource, category_labels, decode_instances
 from featkd.data.scenes import ensure_scenes
 from featkd.data.segmentation import target_size
@@ -65,8 +78,17 @@ def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: 
     """``root``'s train and test splits (COCO layout): decoded into a :class:`DetectionSource`, or packed into
     a :class:`StreamDetectionSource` when :func:`~featkd.data.det_stream.detection_storage` streams them."""
     name = cfg.dataset
-    train = read_instances(root / "annotations" / f"instances_{train_split}.json", name)
-    test = read_instances(root / "annotations" / f"instances_{test_split}.json", name)
+    files = [root / "annotations" / f"instances_{split}.json" for split in (train_split, test_split)]
+    cache = packed_cache_dir() / f"{packed_cache_key(files, cfg)}.npz"
+    packed = load_packed(cache) if cfg.storage != "memory" else None
+    if packed is not None:  # parsed and checked before: decide from its sizes, stream without reading the JSON
+        splits, names = packed
+        in_memory, storage = detection_storage(cfg, [splits[s].sizes for s in ("train", "test")],
+                                               [np.diff(splits[s].offsets) for s in ("train", "test")])
+        if not in_memory:
+            return StreamDetectionSource(splits["train"], splits["test"], names, cfg.masks, storage)
+    train = read_instances(files[0], name)
+    test = read_instances(files[1], name)
     if test.category_ids != train.category_ids:
         raise DataError(f"{name}: {test.path} lists categories {test.category_ids} but {train.path} "
                         f"{train.category_ids}; both splits need the same categories")
@@ -74,11 +96,16 @@ def read_coco_folder(root: Path, cfg: DataConfig, train_split: str, test_split: 
     dirs = (_images_dir(root, train_split, train, name), _images_dir(root, test_split, test, name))
     skip = cfg.bad_files == "skip"
     sizes = (image_sizes(train, dirs[0], name, skip), image_sizes(test, dirs[1], name, skip))
-    in_memory, storage = detection_storage(cfg, sizes, (train, test))
+    in_memory, storage = detection_storage(cfg, sizes, (annotation_counts(train), annotation_counts(test)))
     if not in_memory:
-        return StreamDetectionSource(pack_split(train, dirs[0], labels, sizes[0], cfg.masks, name),
-                                     pack_split(test, dirs[1], labels, sizes[1], cfg.masks, name),
-                                     tuple(train.category_names), cfg.masks, storage)
+        splits = {"train": pack_split(train, dirs[0], labels, sizes[0], cfg.masks, name),
+                  "test": pack_split(test, dirs[1], labels, sizes[1], cfg.masks, name)}
+        # the next run streams without parsing the JSON again (COCO train2017: ~20 s, ~2 GB of Python objects);
+        # a read-only cache only costs the next run the parse
+        with contextlib.suppress(OSError):
+            save_packed(cache, splits, train.category_names)
+        return StreamDetectionSource(splits["train"], splits["test"], tuple(train.category_names), cfg.masks,
+                                     storage)
     size = target_size(cfg)
     train_split_data = decode_instances(train, _images_dir(root, train_split, train, name), labels, size,
                                         cfg.masks, name)

@@ -37,7 +37,9 @@ Options (streamed path only; ``data.storage: memory`` with any of them is a one-
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,7 @@ from featkd.data.segmentation import target_size
 from featkd.data.splits import split_dense
 from featkd.data.streaming import StreamDataset, stream_eval_loader, stream_train_loader
 from featkd.errors import ConfigError, DataError
+from featkd.files import atomic_file
 
 #: the options only the streamed path applies (they force it under data.storage: auto)
 STREAM_ONLY = ("resize_short", "resize_max", "eval_resize_short")
@@ -141,6 +144,64 @@ class PackedSplit:
         """Annotation row ``k``'s segmentation as the file has it (polygons or an RLE dict)."""
         assert self.segs is not None and self.seg_offsets is not None
         return json.loads(bytes(self.segs[self.seg_offsets[k] : self.seg_offsets[k + 1]]))
+
+
+def annotation_counts(coco: CocoInstances) -> np.ndarray:
+    """int64 (N,): the number of annotations of each image of ``coco``."""
+    return np.array([len(im.boxes) for im in coco.images], dtype=np.int64)
+
+
+_ARRAYS = ("image_ids", "sizes", "names", "name_offsets", "offsets", "boxes", "labels", "iscrowd", "area",
+           "ann_ids", "segs", "seg_offsets")
+PACKED_VERSION = 1  # bump when PackedSplit's arrays or pack_split's checks change
+
+
+def packed_cache_key(files: Sequence[Path], cfg: DataConfig) -> str:
+    """The packed-annotation cache's key: each instances file's resolved path, size and modification time,
+    and what packing depends on (``data.masks``, ``data.bad_files``, the pack version)."""
+    parts: list[Any] = [PACKED_VERSION, cfg.masks, cfg.bad_files]
+    for path in files:
+        stat = path.stat()
+        parts += [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def packed_cache_dir() -> Path:
+    """``$FEATKD_CACHE/coco-packed`` (default ``$XDG_CACHE_HOME/featkd`` or ``~/.cache/featkd``)."""
+    root = os.environ.get("FEATKD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featkd"
+    return Path(root) / "coco-packed"
+
+
+def save_packed(path: Path, splits: dict[str, PackedSplit], category_names: Sequence[str]) -> None:
+    """Write packed splits (``{"train": ..., "test": ...}``) and the category names to one ``.npz``
+    atomically (no pickle: plain arrays and one JSON string)."""
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"version": PACKED_VERSION, "category_names": list(category_names), "splits": {}}
+    for split, packed in splits.items():
+        meta["splits"][split] = {"path": str(packed.path), "images_dir": str(packed.images_dir)}
+        for field_name in _ARRAYS:
+            value = getattr(packed, field_name)
+            if value is not None:
+                arrays[f"{split}.{field_name}"] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_packed(path: Path) -> tuple[dict[str, PackedSplit], tuple[str, ...]] | None:
+    """What :func:`save_packed` wrote, or None when the file is missing, unreadable or of another version."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]))
+            if meta.get("version") != PACKED_VERSION:
+                return None
+            splits = {}
+            for split, where in meta["splits"].items():
+                fields = {f: data[f"{split}.{f}"] for f in _ARRAYS if f"{split}.{f}" in data.files}
+                splits[split] = PackedSplit(path=Path(where["path"]), images_dir=Path(where["images_dir"]), **fields)
+            return splits, tuple(meta["category_names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pack_split(coco: CocoInstances, images_dir: Path, labels: dict[int, int], sizes: np.ndarray, masks: bool,
@@ -300,9 +361,10 @@ def finish_detection(x: list[Tensor], y: list[dict[str, Tensor]]) -> tuple[list[
 # Storage choice, backend, source.
 
 
-def detection_storage(cfg: DataConfig, sizes: Sequence[np.ndarray], coco: Sequence[CocoInstances]
+def detection_storage(cfg: DataConfig, sizes: Sequence[np.ndarray], counts: Sequence[np.ndarray]
                       ) -> tuple[bool, str]:
-    """``(in memory?, why)`` for the splits ``coco`` with image sizes ``sizes``: the streamed-only options
+    """``(in memory?, why)`` for splits of images of ``sizes`` (N_i, 2) with ``counts`` (N_i,) annotations
+    each: the streamed-only options
     stream under ``auto`` (and are a ConfigError under ``memory``); else
     :func:`~featkd.data.bundle.choose_storage` on the decoded size (images, and masks with ``data.masks``) and
     whether the images share one size (or ``data.image_size`` makes them)."""
@@ -314,12 +376,12 @@ def detection_storage(cfg: DataConfig, sizes: Sequence[np.ndarray], coco: Sequen
         return False, f"streamed from disk ({cfg.num_workers} workers): data.{given[0]} is set"
     all_sizes = np.concatenate(list(sizes))
     fixed = target_size(cfg)
-    counts = np.concatenate([[len(im.boxes) for im in c.images] for c in coco]).astype(np.float64)
+    per_image = np.concatenate(list(counts)).astype(np.float64)
     if fixed is not None:
         pixels = np.full(len(all_sizes), float(fixed[0] * fixed[1]))
     else:
         pixels = all_sizes[:, 0].astype(np.float64) * all_sizes[:, 1]
-    decoded = float((pixels * (3 + (counts if cfg.masks else 0))).sum())
+    decoded = float((pixels * (3 + (per_image if cfg.masks else 0))).sum())
     known = all_sizes[all_sizes.min(axis=1) > 0]
     one_size = fixed is not None or len(np.unique(known, axis=0)) <= 1
     return choose_storage(cfg, len(all_sizes), decoded, one_size)
