@@ -622,7 +622,10 @@ def test_every_mgd_config_builds_its_distiller(path):
 
     cfg = load_config(path)
     shape = (1, 8, 8) if cfg.data.dataset == "digits" else (1, 28, 28)
-    teacher = create_model(cfg.teacher.model, num_classes=10, in_channels=1, **cfg.teacher.options)
-    student = create_model(cfg.student.model, num_classes=10, in_channels=1, **cfg.student.options)
+    offline = {"weights": None, "weights_backbone": None, "pretrained": False}  # no download: random weights
+    teacher = create_model(cfg.teacher.model, num_classes=10, in_channels=1,
+                           **{k: offline.get(k, v) for k, v in cfg.teacher.options.items()})
+    student = create_model(cfg.student.model, num_classes=10, in_channels=1,
+                           **{k: offline.get(k, v) for k, v in cfg.student.options.items()})
     d = make(BuildContext(teacher.eval(), student, shape, 10, torch.device("cpu")), **cfg.method_options())
     assert len(d.stages) == len(cfg.method["pairs"])
