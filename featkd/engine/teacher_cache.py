@@ -103,10 +103,10 @@ def _warn(message: str) -> None:
     print(f"featkd: warning: teacher cache: {message}", file=sys.stderr, flush=True)
 
 
-def _source_files(run: Run) -> list[Path]:
-    """The source files that compute the teacher's outputs, outside torch itself (covered by its version)."""
+def code_digest(objects: set[type]) -> str:
+    """SHA-256 of the source files defining ``objects`` and their base classes, outside torch itself (covered by
+    its version): what a cached result computed by those classes depends on."""
     torch_dir = Path(torch.__file__).resolve().parent
-    objects = {type(m) for m in run.teacher.modules()} | {type(run.task), type(run.teacher_capture)}
     files = set()
     for obj in objects:
         for cls in inspect.getmro(obj):
@@ -114,12 +114,8 @@ def _source_files(run: Run) -> list[Path]:
                 path = Path(inspect.getfile(cls)).resolve()
                 if path.is_file() and torch_dir not in path.parents:
                     files.add(path)
-    return sorted(files)
-
-
-def _digest_files(files: list[Path]) -> str:
     h = hashlib.sha256()
-    for path in files:
+    for path in sorted(files):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -140,7 +136,7 @@ def stream_ingredients(run: Run, steps_per_epoch: int) -> dict[str, Any]:
     device = run.device
     return {
         "format": VERSION, "featkd": featkd.__version__, "torch": torch.__version__,
-        "code": _digest_files(_source_files(run)),
+        "code": code_digest({type(m) for m in run.teacher.modules()} | {type(run.task), type(run.teacher_capture)}),
         "teacher": {"model": cfg.teacher.model, "options": cfg.teacher.options,
                     "class": f"{type(run.teacher).__module__}.{type(run.teacher).__qualname__}",
                     "state_dict": runfolder.payload_digest(run.teacher.state_dict())},

@@ -21,10 +21,8 @@ collective) or none does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -35,6 +33,7 @@ import torch
 
 from featkd.distributed import broadcast_object
 from featkd.engine import runfolder
+from featkd.engine.teacher_cache import code_digest
 from featkd.files import atomic_write_json
 from featkd.models.zoo import build_dir
 
@@ -55,23 +54,6 @@ def cache_dir() -> Path:
     return build_dir().parent / "teacher-evals"
 
 
-def _code_digest(objects: set[type]) -> str:
-    """SHA-256 of the source files of ``objects`` and their base classes, outside torch (its version is in the
-    key), as :mod:`featkd.engine.teacher_cache` keys its streams."""
-    torch_dir = Path(torch.__file__).resolve().parent
-    files = set()
-    for obj in objects:
-        for cls in inspect.getmro(obj):
-            with contextlib.suppress(TypeError, OSError):
-                path = Path(inspect.getfile(cls)).resolve()
-                if path.is_file() and torch_dir not in path.parents:
-                    files.add(path)
-    h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def eval_ingredients(run: Run) -> dict[str, Any]:
     """Everything the teacher's test metrics depend on (see the module docstring)."""
     import featkd
@@ -85,7 +67,7 @@ def eval_ingredients(run: Run) -> dict[str, Any]:
                                                 "ignore_index", "masks", "eval_window", "eval_stride")}
     objects = {type(m) for m in run.teacher.modules()} | {type(run.task), type(data.backend), RunClass}
     return {
-        "format": VERSION, "featkd": featkd.__version__, "torch": torch.__version__, "code": _code_digest(objects),
+        "format": VERSION, "featkd": featkd.__version__, "torch": torch.__version__, "code": code_digest(objects),
         "teacher": {"model": cfg.teacher.model, "options": cfg.teacher.options,
                     "class": f"{type(run.teacher).__module__}.{type(run.teacher).__qualname__}",
                     "state_dict": runfolder.payload_digest(run.teacher.state_dict())},
