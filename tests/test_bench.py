@@ -94,16 +94,31 @@ def test_tuned_protocol_selects_on_val_resumes_and_pairs(tmp_path, capsys):
     assert set(rows) == {"none", "kd"} and data["report_seeds"] == [0, 1] and data["tuning_seed"] == 100
     assert "val_acc" in data["selection_rule"] and data["val_fraction"] == 0.3
     kd = rows["kd"]
+    # a 2-value grid: the first pick is an end, so one extension round (extend: 1) adds the next value beyond it
+    # at the grid's own ratio (x4): kd_weight 8 beyond 2, or 0.125 before 0.5
+    first_pick = [_final(runs / "kd" / f"trial{i}", "val_acc") for i in range(2)]
+    beyond = 8.0 if first_pick[1] > first_pick[0] else 0.125
+    assert kd["extensions"] == [{"trial": 2, "setting": {"method.kd_weight": beyond}, "axis": "method.kd_weight",
+                                 "end": "high" if beyond == 8.0 else "low", "round": 1}]
+    assert "adding trial 2 (kd_weight=" in first.stdout and kd["extension_bound"] == 1
+    assert kd["final_grid"] == [{"method.kd_weight": 0.5}, {"method.kd_weight": 2.0}, {"method.kd_weight": beyond}]
     # every trial's value is the final-epoch val_acc of its run; the selection is their argmax (ties: first)
-    vals = [_final(runs / "kd" / f"trial{i}", "val_acc") for i in range(2)]
+    vals = [_final(runs / "kd" / f"trial{i}", "val_acc") for i in range(3)]
     assert [t["val_acc"] for t in kd["trials"]] == vals
-    assert [t["setting"] for t in kd["trials"]] == [{"method.kd_weight": 0.5}, {"method.kd_weight": 2.0}]
     assert kd["selected_trial"] == vals.index(max(vals)) and kd["selection_val"] == max(vals)
+    assert kd["open_edge"] == ([] if kd["selected_trial"] != 2 else ["method.kd_weight"])  # the bound: 1 round
     assert len(rows["none"]["trials"]) == 1 and rows["none"]["selected_setting"] == {}
+    # the teacher ran once for kd's 3 trials: trial 0 wrote the cache, the later trials read every step
+    caches = [json.loads((runs / "kd" / f"trial{i}" / "summary.json").read_text())["teacher_cache"] for i in range(3)]
+    assert caches[0]["written_epochs"] == 1 and caches[0]["read_steps"] == 0
+    assert all(c["read_steps"] > 0 and c["teacher_steps"] == 0 for c in caches[1:])
+    assert data["cost"]["per_method"]["kd"]["cache_reads"] == 2 and data["cost"]["per_method"]["kd"]["extensions"] == 1
     # report runs: the selected setting on seeds 0, 1; one data section (subset, validation split) for all
     configs = {p.parent.relative_to(runs).as_posix(): yaml.safe_load(p.read_text())
                for p in runs.glob("*/*/config.yaml")}
-    assert set(configs) == {"none/trial0", "none/seed0", "none/seed1", "kd/trial0", "kd/trial1", "kd/seed0", "kd/seed1"}
+    assert set(configs) == {"none/trial0", "none/seed0", "none/seed1", "kd/trial0", "kd/trial1", "kd/trial2",
+                            "kd/seed0", "kd/seed1"}
+    assert configs["kd/seed0"]["train"]["teacher_cache"] is None  # report runs: one stream each, not cached
     assert len({json.dumps(c["data"], sort_keys=True) for c in configs.values()}) == 1
     assert configs["kd/seed1"]["data"]["val_fraction"] == 0.3
     assert configs["kd/seed1"]["method"]["kd_weight"] == kd["selected_setting"]["method.kd_weight"]
@@ -119,18 +134,20 @@ def test_tuned_protocol_selects_on_val_resumes_and_pairs(tmp_path, capsys):
     assert (paired["wins"], paired["losses"]) == (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
     assert rows["none"]["paired"]["kd"]["mean"] == pytest.approx(-paired["mean"])
     summaries = [json.loads(p.read_text()) for p in runs.glob("*/*/summary.json")]
-    assert data["cost"]["cells"] == 7 and data["cost"]["cell_seconds"] == pytest.approx(
+    assert data["cost"]["cells"] == 8 and data["cost"]["cell_seconds"] == pytest.approx(
         sum(s["train_seconds"] for s in summaries))
     table = (results / "digits-smoke-tuned.md").read_text()
-    assert "paired Δ vs none (± s.e., wins/losses)" in table and "| kd | 2 | kd_weight=" in table
+    assert "paired Δ vs none (± s.e., wins/losses)" in table and "| kd | 3 | kd_weight=" in table
 
     # the test split is not read: make the other trial the best on test -> nothing changes, nothing trains
-    chosen, other = kd["selected_trial"], 1 - kd["selected_trial"]
+    # (other: the first round's loser, so that no edit below moves the first round's pick and its extension)
+    first_round = first_pick.index(max(first_pick))
+    chosen, other = kd["selected_trial"], 1 - first_round
     _edit_final(runs / "kd" / f"trial{other}", test_acc=100.0)
     _edit_final(runs / "kd" / f"trial{chosen}", test_acc=0.0)
     assert main(["bench", *common, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "3 of 3 cells already finished; running 0" in out and "4 of 4 cells already finished; running 0" in out
+    assert "4 of 4 cells already finished; running 0" in out and "running 0" in out and "running 1" not in out
     again = {r["method"]: r for r in json.loads((results / "digits-smoke-tuned.json").read_text())["rows"]}
     assert again["kd"]["selected_trial"] == chosen and again["kd"]["accs"] == kd["accs"]
     # a diverged trial is recorded and never selected (nor run again)
@@ -144,8 +161,8 @@ def test_tuned_protocol_selects_on_val_resumes_and_pairs(tmp_path, capsys):
     assert trials[other]["status"] == "diverged" and trials[other]["val_acc"] is None
     assert trials[chosen]["status"] == "finished" and trials[chosen]["val_acc"] == max(vals)
     summary_path.write_text(json.dumps(summary))
-    # ...but the validation split is: the other trial best on val -> the finished report runs no longer match
-    _edit_final(runs / "kd" / f"trial{other}", val_acc=max(vals) + 1.0)
+    # ...but the validation split is: another trial best on val -> the finished report runs no longer match
+    _edit_final(runs / "kd" / f"trial{first_round if chosen == 2 else 2}", val_acc=max(vals) + 1.0)
     assert main(["bench", *common, "--report"]) == 2
     err = capsys.readouterr().err
     assert "kd/seed0 was trained with method.kd_weight=" in err and "use a fresh --runs-dir" in err
@@ -269,3 +286,66 @@ def test_a_method_that_cannot_be_timed_leaves_the_tables_to_be_written(monkeypat
     assert add_step_ratios(None, rows, Path("."), settings={"kd": []}) == []
     assert [r["step_time_ratio"] for r in rows] == [0.5, 1.0]
     assert "(the selected settings)" in capsys.readouterr().out
+
+
+def test_grid_extension_steps_beyond_the_end_the_pick_sits_at():
+    """The converging-grid rule (featkd/bench/tune.py) on each grid form, without training."""
+    from featkd.bench.tune import Extension, extension_settings, step_beyond
+
+    assert step_beyond(10.0, 3.0) == pytest.approx(33.3333) and step_beyond(0.3, 1.0) == 0.09
+    assert step_beyond(2, 4) == 1 and isinstance(step_beyond(2, 4), int)  # ints stay ints when whole
+    assert step_beyond(0.0, 1.0) == -1.0  # no common sign: a step of the same size
+    one = {"method.weight": [0.3, 1.0, 3.0, 10.0]}
+    grid = [{"method.weight": w} for w in one["method.weight"]]
+    assert extension_settings(one, grid, [], {"method.weight": 3.0}) == []  # inside: nothing to add
+    assert extension_settings(one, grid, [], {"method.weight": 10.0}) == [
+        ("method.weight", "high", {"method.weight": 33.3333})]
+    # MGD's normalizer grid is written strongest-last: the ends are its smallest and largest values all the same
+    mgd = {"method.normalizer": [2083.3, 625.0, 208.3, 62.5]}
+    mgd_grid = [{"method.normalizer": v} for v in mgd["method.normalizer"]]
+    assert extension_settings(mgd, mgd_grid, [], {"method.normalizer": 62.5})[0][2] == {"method.normalizer": 18.753}
+    # after an extension the line includes it: the old end is inside, the new one is the end
+    ext = [Extension(4, {"method.weight": 33.3333}, "method.weight", "high", 1)]
+    assert extension_settings(one, grid, ext, {"method.weight": 10.0}) == []
+    assert extension_settings(one, grid, ext, {"method.weight": 33.3333})[0][2] == {"method.weight": 111.111}
+    # two keys: each key's line through the pick; a pick at a corner extends both, one at a time
+    two = {"method.kd_temperature": [2, 4], "method.kd_weight": [0.5, 2.0]}
+    two_grid = [{"method.kd_temperature": t, "method.kd_weight": w} for t in (2, 4) for w in (0.5, 2.0)]
+    assert extension_settings(two, two_grid, [], {"method.kd_temperature": 4, "method.kd_weight": 2.0}) == [
+        ("method.kd_temperature", "high", {"method.kd_temperature": 8, "method.kd_weight": 2.0}),
+        ("method.kd_weight", "high", {"method.kd_temperature": 4, "method.kd_weight": 8.0})]
+    # a list grid is a ladder: every key moves at its own ratio; the low end is before the first entry
+    ladder = [{"method.distance_weight": d, "method.angle_weight": 2 * d} for d in (7.5, 25.0, 75.0, 250.0)]
+    assert extension_settings(ladder, ladder, [], ladder[0]) == [
+        ("*", "low", {"method.distance_weight": 2.25, "method.angle_weight": 4.5})]
+    low = [Extension(4, {"method.distance_weight": 2.25, "method.angle_weight": 4.5}, "*", "low", 1)]
+    assert extension_settings(ladder, ladder, low, ladder[0]) == []  # no longer an end
+    # a categorical key is never extended; a one-trial method has no axis
+    assert extension_settings({"method.reducer": ["amp", "rd"]}, [{"method.reducer": "amp"},
+                                                                  {"method.reducer": "rd"}], [],
+                              {"method.reducer": "rd"}) == []
+    assert extension_settings({}, [{}], [], {}) == []
+
+
+def test_a_shortened_protocol_scales_every_method_schedule_in_epochs():
+    """data-limited-tuned runs 12 of the configs' 30 epochs: warm-ups and re-matching periods scale by 0.4."""
+    from featkd.bench.protocol import load_protocol
+    from featkd.bench.runner import cell_config, scaled_schedule
+    from featkd.config import load_raw
+    from featkd.methods.base import scaled_epoch_count
+
+    protocol = load_protocol("data-limited-tuned")
+    base = load_raw(protocol.base)
+    scaled = {label: scaled_schedule(load_raw(cfg), base) for label, cfg in protocol.methods.items()}
+    assert scaled["kda"] == {"warmup_epochs": (5, 2)} and scaled["dkd"] == {"warmup": (3, 1)}
+    assert scaled["mgd-amp"] == {"update_every": (5, 2)}
+    assert all(not v for k, v in scaled.items() if k not in ("kda", "dkd", "mgd-amp"))
+    assert scaled_epoch_count(1, 0.1) == 1 and scaled_epoch_count(0, 0.4) == 0  # on stays on, off stays off
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as runs:
+        written = load_raw(cell_config(protocol, "kda", Path(runs)))
+    assert written["method"]["warmup_epochs"] == 2 and written["train"]["epochs"] == 12
+    full = load_protocol("data-limited")  # the same length as its configs: nothing changes
+    assert all(not scaled_schedule(load_raw(c), load_raw(full.base)) for c in full.methods.values()) \
+        if full.base else True

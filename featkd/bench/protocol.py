@@ -68,9 +68,10 @@ class TuneSpec:
     """A protocol's ``tune:`` section (see :mod:`featkd.bench.tune` and benchmarks/README.md).
 
     ``grid``: method label -> its trials, either ``{key: [values, ...], ...}`` (every combination, the last
-    key varying fastest) or a list of ``{key: value, ...}`` (one trial each); keys are config paths
-    (``method.kd_weight``). ``{}`` (or no knobs at all): one trial, the config as it is. Every method with knobs
-    must have the same number of trials.
+    key varying fastest) or a list of ``{key: value, ...}`` (one trial each, in ladder order: the keys move
+    together); keys are config paths (``method.kd_weight``). ``{}`` (or no knobs at all): one trial, the config
+    as it is. Every method with knobs must have the same number of trials. ``extend``: rounds of grid
+    extension at most (the same for every method); ``teacher_cache``: tuning trials share the teacher's outputs.
     """
 
     grid: dict[str, Any]
@@ -79,10 +80,19 @@ class TuneSpec:
     # inits and data orders). True: the tuning seed must be one of 0..N-1, and the selected trial's run is that
     # seed's report run (one run fewer per method, but one reported seed is the one the setting was picked on).
     reuse_seed: bool = False
+    # Converging grids (featkd.bench.tune.extension_settings): while a method's pick sits at an end of a numeric
+    # axis of its grid, add the next value beyond that end (the grid's own ratio) and tune again, at most this
+    # many rounds per method (the same bound for every method). 0: the grid as written.
+    extend: int = 0
+    # Tuning trials read the teacher's outputs from a cache in RUNS/teacher-cache (trials of one method share a
+    # stream: same teacher, capture points, data and seed), so the teacher runs once per method, not per trial.
+    teacher_cache: bool = True
 
     def validate(self, path: str) -> None:
         if self.seed < 0:
             raise FeatkdError(f"{path}.seed: expected a seed >= 0, got {self.seed}")
+        if self.extend < 0:
+            raise FeatkdError(f"{path}.extend: expected a number of rounds >= 0, got {self.extend}")
 
 
 def trial_settings(entry: Any, where: str) -> list[dict[str, Any]]:

@@ -30,6 +30,9 @@ class Cell:
     out: Path
     overrides: tuple[str, ...] = ()  # the protocol's and the trial's --set items (val_fraction, knobs)
     trial: int | None = None  # a tuning trial (featkd bench --tune), else a seed's run
+    # train.teacher_cache of the run: changes no number (the cached outputs are the teacher's own), so it is
+    # not one of the overrides a finished run is checked against
+    teacher_cache: Path | None = None
 
     @property
     def summary_path(self) -> Path:
@@ -76,11 +79,33 @@ def cell_config(protocol: Protocol, label: str, runs_dir: Path) -> str:
     from featkd.config import build_config, dump_yaml, load_raw, merge
 
     own = load_raw(protocol.methods[label])
-    raw = merge(load_raw(protocol.base), {"name": f"{protocol.name}-{label}", "method": own["method"]})
+    base = load_raw(protocol.base)
+    method = {**own["method"], **{k: new for k, (_, new) in scaled_schedule(own, base).items()}}
+    raw = merge(base, {"name": f"{protocol.name}-{label}", "method": method})
     path = runs_dir / label / "input.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_yaml(build_config(raw)))  # validated now, so a bad row fails before any training
     return str(path)
+
+
+def scaled_schedule(own: dict[str, Any], base: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The method options counted in epochs (warm-ups, re-matching periods: ``EPOCH_COUNT`` fields) scaled by
+    the base's ``train.epochs`` / the method config's own, when a protocol's base changes the run's length: a
+    shortened protocol shortens every method's schedule by the same factor (rounded, an "on" count stays >= 1).
+    Returns {option: (config value, scaled value)} for the options that change; {} at the same length."""
+    from featkd.config import build_config
+    from featkd.methods import METHODS
+    from featkd.methods.base import epoch_count_options, scaled_epoch_count
+
+    own_cfg = build_config(own)
+    own_epochs, base_epochs = own_cfg.train.epochs, build_config({**base, "method": {"name": "none"}}).train.epochs
+    if own_epochs == base_epochs:
+        return {}
+    typed = METHODS.get(own_cfg.method_name).Config(**own_cfg.method_options())
+    factor = base_epochs / own_epochs
+    scaled = {name: (getattr(typed, name), scaled_epoch_count(getattr(typed, name), factor))
+              for name in epoch_count_options(typed)}
+    return {name: pair for name, pair in scaled.items() if pair[0] != pair[1]}
 
 
 def select_labels(protocol: Protocol, methods: Sequence[str] | None) -> list[str]:
@@ -120,6 +145,8 @@ def run_cell(cell: Cell, extra: Sequence[str] = ()) -> tuple[Cell, int, str]:
     cmd = [sys.executable, "-m", "featkd", "train", cell.config, "--seed", str(cell.seed),
            "--out", str(cell.out), "--set", "train.progress=off", *extra,
            *(x for item in cell.overrides for x in ("--set", item))]
+    if cell.teacher_cache is not None:
+        cmd += ["--set", f"train.teacher_cache={cell.teacher_cache}"]
     if (cell.out / "last.pt").is_file():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

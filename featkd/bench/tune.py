@@ -21,6 +21,19 @@ not run again):
 2. report: each method's selected trial on the report seeds, in ``RUNS/<method>/seed<S>`` (with ``reuse_seed``
    the tuning seed's report run is the selected trial's own folder).
 
+Converging grids (``tune.extend: N``): after the tuning runs, a method whose pick sits at an end of a numeric
+axis of its grid (a key of a ``{key: [values]}`` grid, through the pick; or the whole ladder of a list grid)
+gets the next value beyond that end, at the grid's own ratio there (``end * end / neighbour``; a step of the
+same size when the two differ in sign), as a new trial ``trial<i>`` on the tuning seed; then the selection runs
+again, for at most N rounds per method. A diverged trial is a point of the grid (the pick next to it is
+inside). The extensions, the bound and any pick still at an open edge are in the results.
+
+Teacher cache (``tune.teacher_cache``, default on): tuning trials run with ``train.teacher_cache
+RUNS/teacher-cache``; the trials of one method share a stream, so the first writes the teacher's per-step
+outputs and the others read them (results unchanged: :mod:`featkd.engine.teacher_cache`). Trials start
+round-robin over the methods (every method's trial 0 first), so a method's first trial has written its stream
+before its second starts.
+
 Selection rule: the trial with the highest **final-epoch validation** value of the task's metric
 (``val_acc``) on the tuning seed; ties go to the first trial listed. A method's report runs start only when all
 its trials have finished. The test split is never read for the selection: test values come from the report
@@ -34,6 +47,7 @@ holds the rule, the seeds and the cost) and a Markdown table (:func:`markdown`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,18 +81,117 @@ def report_seeds(protocol: Protocol, n: int) -> list[int]:
 
 
 def tuning_cells(protocol: Protocol, labels: Sequence[str], runs_dir: Path) -> dict[str, list[Cell]]:
-    """Each method's trials on the tuning seed, validated (configs built) before anything trains."""
+    """Each method's grid trials on the tuning seed, validated (configs built) before anything trains."""
     assert protocol.tune is not None
     trials = check_tune(protocol)
     cells = {}
     for label in labels:
         config = cell_config(protocol, label, runs_dir)
-        cells[label] = [Cell(label, config, protocol.tune.seed, runs_dir / label / f"trial{i}",
-                             (*protocol.overrides(), *trial_overrides(setting)), trial=i)
+        cells[label] = [trial_cell(protocol, label, config, i, setting, runs_dir)
                         for i, setting in enumerate(trials[label])]
         check_cells(cells[label])
         require_val(protocol, cells[label][0])
     return cells
+
+
+def trial_cell(protocol: Protocol, label: str, config: str, index: int, setting: dict[str, Any],
+               runs_dir: Path) -> Cell:
+    assert protocol.tune is not None
+    cache = runs_dir / "teacher-cache" if protocol.tune.teacher_cache else None
+    return Cell(label, config, protocol.tune.seed, runs_dir / label / f"trial{index}",
+                (*protocol.overrides(), *trial_overrides(setting)), trial=index, teacher_cache=cache)
+
+
+def round_robin(cells: dict[str, list[Cell]]) -> list[Cell]:
+    """Every method's first trial, then every method's second...: a method's first trial writes the teacher
+    cache before its next one starts reading it."""
+    width = max(map(len, cells.values()), default=0)
+    return [c[i] for i in range(width) for c in cells.values() if i < len(c)]
+
+
+# ---- converging grids ----------------------------------------------------------------------------------------
+
+@dataclass
+class Extension:
+    """A trial added beyond an end of a method's grid (module docstring)."""
+
+    trial: int
+    setting: dict[str, Any]
+    axis: str  # the key it moves; "*": every key of a list grid (its ladder)
+    end: str  # "low" (before the first value) or "high" (after the last)
+    round: int  # 1 = the first extension round
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def grid_axes(entry: Any) -> list[str]:
+    """The axes of a ``tune.grid`` entry that can be extended: each key of a ``{key: [values]}`` grid with two
+    or more numeric values; ``"*"`` (the ladder) for a list of two or more settings."""
+    if isinstance(entry, dict):
+        return [k for k, v in entry.items() if len(v) > 1 and all(map(is_number, v))]
+    return ["*"] if isinstance(entry, list) and len(entry) > 1 else []
+
+
+def axis_line(axis: str, grid: list[dict[str, Any]], extensions: list[Extension],
+              selected: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trials along ``axis`` through the selected setting, ordered: a key's values sorted (the trials equal
+    to the selected one on every other key); the ladder in its order, extensions at its ends."""
+    if axis == "*":
+        lows = [e.setting for e in extensions if e.axis == "*" and e.end == "low"]
+        highs = [e.setting for e in extensions if e.axis == "*" and e.end == "high"]
+        return [*reversed(lows), *grid, *highs]
+    trials = [*grid, *(e.setting for e in extensions)]
+    on_line = [t for t in trials if all(t.get(k) == v for k, v in selected.items() if k != axis)]
+    return sorted(on_line, key=lambda t: t[axis])
+
+
+def step_beyond(end: float, neighbour: float) -> float:
+    """The next value after ``end`` going away from ``neighbour``: at their ratio when they have one sign, by
+    their difference otherwise; 6 significant digits, an int when both were ints and it is whole."""
+    value = end * (end / neighbour) if end * neighbour > 0 else end + (end - neighbour)
+    value = float(f"{value:.6g}")
+    if isinstance(end, int) and isinstance(neighbour, int) and value.is_integer():
+        return int(value)
+    return value
+
+
+def setting_beyond(end: dict[str, Any], neighbour: dict[str, Any], axis: str) -> dict[str, Any] | None:
+    """``end`` with the axis' key(s) moved one step away from ``neighbour``; None when nothing can move."""
+    keys = list(end) if axis == "*" else [axis]
+    new = dict(end)
+    for key in keys:
+        a, b = end.get(key), neighbour.get(key)
+        if is_number(a) and is_number(b) and a != b:
+            new[key] = step_beyond(a, b)
+    return None if new == end else new
+
+
+def edges(entry: Any, grid: list[dict[str, Any]], extensions: list[Extension],
+          selected: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(axis, end, the setting beyond it) for every axis on which the selected setting is an end of its line."""
+    out = []
+    for axis in grid_axes(entry):
+        line = axis_line(axis, grid, extensions, selected)
+        if len(line) < 2:
+            continue
+        if line[0] == selected:
+            out.append((axis, "low", setting_beyond(line[0], line[1], axis)))
+        elif line[-1] == selected:
+            out.append((axis, "high", setting_beyond(line[-1], line[-2], axis)))
+    return out
+
+
+def extension_settings(entry: Any, grid: list[dict[str, Any]], extensions: list[Extension],
+                       selected: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The new trials of one extension round: one beyond each end the pick sits at (none already tried)."""
+    tried = [*grid, *(e.setting for e in extensions)]
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for axis, end, new in edges(entry, grid, extensions, selected):
+        if new is not None and new not in tried and new not in [s for _, _, s in out]:
+            out.append((axis, end, new))
+    return out
 
 
 def require_val(protocol: Protocol, cell: Cell) -> float:
@@ -105,12 +218,11 @@ def diverged(cell: Cell) -> bool:
     return cell.status() == "diverged"
 
 
-def select(protocol: Protocol, cells: list[Cell]) -> Selection | None:
-    """The selection rule (module docstring) over one method's trial cells; None until all have finished (or
-    diverged), or when every trial diverged."""
+def select(cells: list[Cell], settings: list[dict[str, Any]]) -> Selection | None:
+    """The selection rule (module docstring) over one method's trial cells (``settings[i]``: trial i's); None
+    until all have finished (or diverged), or when every trial diverged."""
     if not all(c.finished() or diverged(c) for c in cells):
         return None
-    settings = check_tune(protocol)[cells[0].label]
     records, best = [], None
     for c in cells:
         summary = json.loads(c.summary_path.read_text())
@@ -147,42 +259,86 @@ class TunedRun:
     selections: dict[str, Selection | None]
     report: dict[str, list[Cell]]
     outcomes: list[tuple[Cell, int, str]] = field(default_factory=list)
+    extensions: dict[str, list[Extension]] = field(default_factory=dict)
+    open_edges: dict[str, list[str]] = field(default_factory=dict)  # axes where the pick is still at an end
 
     def report_cells(self) -> list[Cell]:
         return [c for cells in self.report.values() for c in cells]
+
+
+def tune_methods(protocol: Protocol, labels: Sequence[str], runs_dir: Path, jobs: int = 1,
+                 extra: Sequence[str] = (), train: bool = True,
+                 log: Callable[[str], None] = print) -> TunedRun:
+    """The tuning phase: the grid's trials, then up to ``tune.extend`` extension rounds (module docstring)."""
+    assert protocol.tune is not None
+    entries, grids = protocol.tune.grid, check_tune(protocol)
+    trials = tuning_cells(protocol, labels, runs_dir)
+    extensions: dict[str, list[Extension]] = {label: [] for label in labels}
+    outcomes: list[tuple[Cell, int, str]] = []
+    for rnd in range(protocol.tune.extend + 1):
+        if train:
+            todo = [c for c in round_robin(trials) if not diverged(c)]
+            log(f"tuning{f' (extension round {rnd})' if rnd else ''}: {len(todo)} trial runs on seed "
+                f"{protocol.tune.seed}")
+            outcomes += run_grid(todo, jobs, extra, log)
+        grown = False
+        for label in labels if rnd < protocol.tune.extend else ():
+            settings = [*grids[label], *(e.setting for e in extensions[label])]
+            sel = select(trials[label], settings)
+            if sel is None:
+                continue
+            for axis, end, setting in extension_settings(entries[label], grids[label], extensions[label],
+                                                         sel.setting):
+                index = len(trials[label])
+                extensions[label].append(Extension(index, setting, axis, end, rnd + 1))
+                trials[label].append(trial_cell(protocol, label, trials[label][0].config, index, setting, runs_dir))
+                check_cells(trials[label][-1:])
+                log(f"{label}: the pick ({setting_text(sel.setting)}) is the {end} end of "
+                    f"{'its ladder' if axis == '*' else axis.removeprefix('method.')}: adding trial {index} "
+                    f"({setting_text(setting)})")
+                grown = True
+        if not grown:
+            break
+    selections, open_edges = {}, {}
+    for label in labels:
+        settings = [*grids[label], *(e.setting for e in extensions[label])]
+        selections[label] = sel = select(trials[label], settings)
+        if sel is not None:
+            open_edges[label] = [axis for axis, _, _ in edges(entries[label], grids[label], extensions[label],
+                                                              sel.setting)]
+    return TunedRun(trials, selections, {}, outcomes, extensions, open_edges)
 
 
 def run(protocol: Protocol, labels: Sequence[str], seeds: int, runs_dir: Path, jobs: int = 1,
         extra: Sequence[str] = (), train: bool = True, log: Callable[[str], None] = print) -> TunedRun:
     """Both phases (module docstring); ``train`` False: only what has finished (``--report``)."""
     report_at = report_seeds(protocol, seeds)
-    trials = tuning_cells(protocol, labels, runs_dir)
-    outcomes = []
-    if train:
-        log(f"tuning: {sum(map(len, trials.values()))} trial runs on seed {protocol.tune.seed}")
-        todo = [c for label in labels for c in trials[label] if not diverged(c)]
-        outcomes += run_grid(todo, jobs, extra, log)
-    selections = {label: select(protocol, trials[label]) for label in labels}
-    report = {}
-    for label, sel in selections.items():
+    tuned = tune_methods(protocol, labels, runs_dir, jobs, extra, train, log)
+    for label, sel in tuned.selections.items():
+        cells = tuned.trials[label]
         if sel is None:
-            every = all(diverged(c) for c in trials[label])
+            every = all(diverged(c) for c in cells)
             log(f"{label}: {'every trial diverged' if every else 'not every trial has finished'}; no report runs")
             continue
         metric = next(k for k in sel.trials[0] if k.startswith("val_"))
         vals = ", ".join("diverged" if t[metric] is None else f"{t[metric]:.2f}" for t in sel.trials)
+        spent = sum(json.loads(c.summary_path.read_text())["train_seconds"] for c in cells)
+        edge = tuned.open_edges.get(label)
         log(f"{label}: selected trial {sel.trial} ({setting_text(sel.setting)}), {metric} {sel.val:.2f} "
-            f"(trials: {vals})")
-        report[label] = report_cells(trials[label], sel, report_at, runs_dir)
+            f"(trials: {vals}); {len(cells)} trials ({len(tuned.extensions[label])} extensions), {spent:.0f} s"
+            f"{f'; still at an end of {edge} (the bound reached)' if edge else ''}")
+        tuned.report[label] = report_cells(cells, sel, report_at, runs_dir)
     if train:
         log(f"report: the selected settings on seeds {', '.join(map(str, report_at))}")
-        outcomes += run_grid([c for cells in report.values() for c in cells], jobs, extra, log)
-    return TunedRun(trials, selections, report, outcomes)
+        tuned.outcomes += run_grid(tuned.report_cells(), jobs, extra, log)
+    return tuned
 
 
 def cost(tuned: TunedRun) -> dict[str, Any]:
     """Runs done (finished or diverged) and the sum of their train_seconds (one thread each: about CPU-core
-    seconds), per phase."""
+    seconds), per phase; per method the tuning runs and seconds; and what the teacher cache saved: the tuning
+    seconds without it estimated as every trial that read the cache costing its method's trials that did not
+    (an estimate: the same model pair, step for step, at other loss weights)."""
     def seconds(cells: list[Cell]) -> tuple[int, float]:
         done = [c for c in cells if c.finished() or diverged(c)]
         return len(done), sum(json.loads(c.summary_path.read_text())["train_seconds"] for c in done)
@@ -191,18 +347,37 @@ def cost(tuned: TunedRun) -> dict[str, Any]:
     trial_dirs = {c.out for c in trial_cells}
     n_t, s_t = seconds(trial_cells)
     n_r, s_r = seconds([c for c in tuned.report_cells() if c.out not in trial_dirs])  # a reused seed: once
+    per_method = {}
+    uncached_total = 0.0
+    for label, cells in tuned.trials.items():
+        done = [json.loads(c.summary_path.read_text()) for c in cells if c.finished() or diverged(c)]
+        read = [s for s in done if (s.get("teacher_cache") or {}).get("read_steps")]
+        plain = [s["train_seconds"] for s in done if s not in read]
+        spent = sum(s["train_seconds"] for s in done)
+        uncached = spent + sum(max(0.0, sum(plain) / len(plain) - s["train_seconds"]) for s in read) if plain \
+            else spent
+        uncached_total += uncached
+        per_method[label] = {"tuning_runs": len(done), "extensions": len(tuned.extensions.get(label, [])),
+                             "tuning_seconds": spent, "cache_reads": len(read),
+                             "tuning_seconds_without_cache_estimate": uncached}
     return {"tuning_cells": n_t, "report_cells": n_r, "cells": n_t + n_r, "tuning_cell_seconds": s_t,
-            "report_cell_seconds": s_r, "cell_seconds": s_t + s_r}
+            "report_cell_seconds": s_r, "cell_seconds": s_t + s_r,
+            "tuning_cell_seconds_without_cache_estimate": uncached_total, "per_method": per_method}
 
 
 def summarise(protocol: Protocol, tuned: TunedRun) -> list[dict[str, Any]]:
-    """:func:`featkd.bench.stats.summarise` over the report runs, each row with its trials and selection."""
+    """:func:`featkd.bench.stats.summarise` over the report runs, each row with its trials, selection, final
+    grid (its extensions, the bound) and whether the pick is still at an open edge."""
     rows = stats.summarise(protocol, tuned.report_cells())
     for row in rows:
-        sel = tuned.selections[row["method"]]
-        assert sel is not None
+        label = row["method"]
+        sel = tuned.selections[label]
+        assert sel is not None and protocol.tune is not None
         row.update(trials=sel.trials, selected_trial=sel.trial, selected_setting=sel.setting,
-                   selection_val=sel.val, tuning_seed=protocol.tune.seed if protocol.tune else None)
+                   selection_val=sel.val, tuning_seed=protocol.tune.seed,
+                   final_grid=[t["setting"] for t in sel.trials], extension_bound=protocol.tune.extend,
+                   extensions=[dataclasses.asdict(e) for e in tuned.extensions.get(label, [])],
+                   open_edge=tuned.open_edges.get(label, []))
     return rows
 
 
@@ -214,7 +389,8 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
     """The tuned table: selection, val and test per method, unpaired and paired deltas; then every trial."""
     metric = rows[0]["metric"] if rows else "acc"
     paired = paired_columns(protocol, rows)
-    head = ["method", "trials", "selected", f"val {metric} at selection", "seeds", f"val {metric} (mean ± s.e.)",
+    head = ["method", "trials", "selected", "pick in the grid", f"val {metric} at selection", "seeds",
+            f"val {metric} (mean ± s.e.)",
             f"{METRIC_LABELS.get(metric, metric)} (mean ± s.e.)", f"Δ vs {protocol.reference} (± s.e.)",
             *(PAIRED_HEAD.format(b) for b in paired), "train time / run",
             f"step time / {protocol.timing_reference}"]
@@ -226,7 +402,8 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = r.get("step_time_ratio")
-        cells = [r["method"], str(len(r["trials"])), setting_text(r["selected_setting"]), f"{r['selection_val']:.2f}",
+        cells = [r["method"], str(len(r["trials"])), setting_text(r["selected_setting"]), pick_text(r),
+                 f"{r['selection_val']:.2f}",
                  str(r["seeds"]), format_mean_se(r.get(f"val_{metric}_mean"), r.get(f"val_{metric}_se")),
                  format_mean_se(r[f"{metric}_mean"], r[f"{metric}_se"]),
                  format_mean_se(r["delta_vs_ce"], r["delta_se"], sign=True),
@@ -234,21 +411,39 @@ def markdown(protocol: Protocol, rows: list[dict[str, Any]], meta: dict[str, Any
                  f"{r['train_s']:.0f} s", "" if ratio is None else f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     width = max((len(r["trials"]) for r in rows), default=0)
-    lines += ["", f"Trials: final-epoch val {metric} on the tuning seed {meta['tuning_seed']} (selected in bold).", "",
+    bound = rows[0].get("extension_bound", 0) if rows else 0
+    lines += ["", f"Trials: final-epoch val {metric} on the tuning seed {meta['tuning_seed']} (selected in bold; "
+              f"+: added beyond an end of the grid, at most {bound} round(s) per method).", "",
               "| method | " + " | ".join(f"trial {i}" for i in range(width)) + " |", "|" + "---|" * (width + 1)]
     for r in rows:
         texts = []
         for t in r["trials"]:
             val = t[f"val_{metric}"]
             text = f"{setting_text(t['setting'])}: {'diverged' if val is None else f'{val:.2f}'}"
+            text = f"+{text}" if t["trial"] in {e["trial"] for e in r.get("extensions", [])} else text
             texts.append(f"**{text}**" if t["trial"] == r["selected_trial"] else text)
         lines.append("| " + " | ".join([r["method"], *texts, *[""] * (width - len(texts))]) + " |")
     lines += ["", f"Cost: {c['cells']} runs ({c['tuning_cells']} tuning, {c['report_cells']} report), sum of their "
               f"train times {c['cell_seconds']:.0f} s ({c['cell_seconds'] / 3600:.2f} h, one thread per run); wall "
-              f"{meta['wall_seconds']:.0f} s for this invocation.",
+              f"{meta['wall_seconds']:.0f} s for this invocation"
+              + (f"; tuning {c['tuning_cell_seconds']:.0f} s with the teacher cache, about "
+                 f"{c['tuning_cell_seconds_without_cache_estimate']:.0f} s without it (estimated: every trial that "
+                 "read the cache at its method's writing trial's time)."
+                 if "tuning_cell_seconds_without_cache_estimate" in c else "."),
               f"Command: `{meta['command']}`; {meta['environment']['torch_threads']} thread(s), "
               f"{meta['environment']['cpu_count']} CPU(s), {meta['environment']['date']}."]
     return "\n".join(lines) + "\n"
+
+
+def pick_text(row: dict[str, Any]) -> str:
+    """Where the selected setting sits: inside its grid, or at an end the extension bound left open."""
+    edge = row.get("open_edge")
+    if edge is None:
+        return ""
+    if not edge:
+        return "inside" if row.get("extensions") or len(row["trials"]) > 1 else "no knobs"
+    axes = ", ".join("ladder" if a == "*" else a.removeprefix("method.") for a in edge)
+    return f"at an end ({axes}; bound {row.get('extension_bound', 0)} reached)"
 
 
 def _config_epochs(config: str, extra: Sequence[str] = ()) -> int | None:

@@ -21,6 +21,7 @@ student.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -39,6 +40,28 @@ from featkd.tasks.classification import hinton_kd_loss  # noqa: F401  (public he
 
 if TYPE_CHECKING:
     from featkd.data import DataBundle, Loader
+
+
+#: Field metadata of a method option counted in training epochs (a warm-up, a re-matching period): a protocol
+#: that shortens the schedule scales these with it (:func:`epoch_count_options`). ``("unit_field", "epoch")``:
+#: only when that other option says the count is in epochs.
+EPOCH_COUNT = {"epoch_count": True}
+
+
+def epoch_count_options(config: Any) -> list[str]:
+    """The names of ``config``'s options that count training epochs (see :data:`EPOCH_COUNT`)."""
+    names = []
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("epoch_count")
+        if rule is True or (isinstance(rule, tuple) and getattr(config, rule[0]) == rule[1]):
+            names.append(f.name)
+    return names
+
+
+def scaled_epoch_count(value: int, factor: float) -> int:
+    """``value`` epochs of a schedule shortened (or lengthened) by ``factor``: rounded, and a count that was
+    on (>= 1) stays >= 1, so a shortened warm-up or period never becomes "off"."""
+    return 0 if value <= 0 else max(1, round(value * factor))
 
 
 @dataclass

@@ -21,7 +21,7 @@ res110 -> res32 configs use 2.0, the WRN and VGG pairs 6.0; ImageNet 0.5 with T 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from featkd.errors import ConfigError
 from featkd.methods import register
-from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig
+from featkd.methods.base import EPOCH_COUNT, Batch, BuildContext, Distiller, DistillerConfig
 
 #: subtracted from the target's scaled logit before NCKD's softmaxes (mdistiller: ``- 1000.0 * gt_mask``);
 #: exp(-1000) is 0 in float32, so the target class carries no probability and no gradient
@@ -42,7 +42,8 @@ class DKDConfig(DistillerConfig):
     alpha: float = 1.0  # TCKD weight, CFG.DKD.ALPHA
     beta: float = 8.0  # NCKD weight, CFG.DKD.BETA (CIFAR-100 res32x4 -> res8x4; res56 -> res20: 2.0)
     temperature: float = 4.0  # CFG.DKD.T
-    warmup: int = 20  # epochs of the linear warm-up of the DKD term, CFG.DKD.WARMUP (0: none)
+    # epochs of the linear warm-up of the DKD term, CFG.DKD.WARMUP (0: none); scaled by a shortened protocol
+    warmup: int = field(default=20, metadata=EPOCH_COUNT)
 
 
 def warmup_factor(epoch: int, warmup: int) -> float:

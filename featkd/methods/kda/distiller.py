@@ -42,7 +42,7 @@ What is the official code's (GitHub idstcv/KDA) and what is ours:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from featkd.errors import ConfigError, FeatkdError
 from featkd.methods import register
-from featkd.methods.base import Batch, BuildContext, Distiller, DistillerConfig, RunContext
+from featkd.methods.base import EPOCH_COUNT, Batch, BuildContext, Distiller, DistillerConfig, RunContext
 from featkd.methods.kda.landmarks import (
     EPS,
     accumulate,
@@ -82,7 +82,8 @@ class KDAConfig(DistillerConfig):
     kernel: Literal["linear", "cosine", "rbf"] = "linear"  # official: linear (dot product)
     landmarks: LandmarkStrategy = "class-means"  # official: class-means
     num_landmarks: int | None = None  # kmeans / random: k; None = the number of classes
-    warmup_epochs: int = 5  # epochs before the term switches on; official `warm` = 5
+    # epochs before the term switches on; official `warm` = 5; scaled by a shortened protocol
+    warmup_epochs: int = field(default=5, metadata=EPOCH_COUNT)
     student_point: str | None = None  # capture point; None = the classifier's input (official)
     teacher_point: str | None = None  # capture point; None = the classifier's input (official)
     eval_pass_limit: int | None = None  # eval passes (fresh / initial centres): seeded subset size, None = all

@@ -107,7 +107,9 @@ class MatchingGuidedConfig(DistillerConfig):
     # index)); "fixed" (the same seeded subset at every update)
     stats_subset: Literal["redraw", "fixed"] = "redraw"
     stats_batch_size: int | None = None  # batch of the statistics pass; null = data.eval_batch_size
-    update_every: int = 1  # re-solve every N epochs/steps after the initial solve; 0 = solve once (official 1)
+    # re-solve every N epochs/steps after the initial solve; 0 = solve once (official 1); in epochs, scaled by a
+    # shortened protocol
+    update_every: int = field(default=1, metadata={"epoch_count": ("update_unit", "epoch")})
     update_unit: Literal["epoch", "step"] = "epoch"  # ours: "step" for iteration schedules
     wide_student: Literal["subset", "share"] = "subset"  # ours: the rule when a student stage is wider
     margin: Literal["bn", "empirical"] = "bn"  # bn: official formula (empirical where no BN precedes); ours
