@@ -31,9 +31,23 @@ from featkd.errors import FeatkdError, did_you_mean
 
 
 @dataclass
+class Published:
+    """A protocol's published numbers (``published:``): what the paper or the official code reports for rows of
+    the protocol, never featkd's own measurement."""
+
+    metric: str  # e.g. "top-1 error (%)", "box AP", "mIoU"
+    source: str  # the table or file, e.g. "KaiyuYue/mgd cls/README.md L169-173"
+    rows: dict[str, float | None] = field(default_factory=dict)  # row label -> number (None: not published)
+    # lower is better (an error rate): how a delta is read
+    lower_is_better: bool = False
+
+
+@dataclass
 class Protocol:
     name: str
-    methods: dict[str, str]
+    # row label -> an experiment config file (configs/...), or (with ``base``) an inline mapping of the sections
+    # the row sets over the base, e.g. ``{method: {name: kd, kd_weight: 0.9}}``
+    methods: dict[str, Any]
     seeds: int = 3
     reference: str = "none"
     timing_reference: str = "kd"
@@ -45,6 +59,17 @@ class Protocol:
     val_fraction: float | None = None  # data.val_fraction of every cell (a validation split: the same for all)
     paired: list[str] | None = None  # rows the paired per-seed differences are taken against (default below)
     tune: TuneSpec | None = None  # a tuned protocol (featkd bench --tune; featkd.bench.tune)
+    # A paper's setting (benchmarks/protocols/paper-*.yaml): the citation, the published numbers, where each
+    # hyper-parameter comes from, what could not be verified, the training-set size the estimate counts, and
+    # the --set items of the smoke run (`featkd bench P --smoke`) where the real input size is too slow on a CPU
+    paper: str | None = None
+    published: Published | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    unverified: list[str] = field(default_factory=list)
+    train_images: int | None = None
+    smoke: list[str] = field(default_factory=list)
+    # YAML anchors shared by the inline rows (capture points of the pair); read by nothing else
+    points: dict[str, Any] = field(default_factory=dict)
 
     def paired_baselines(self) -> list[str]:
         """The rows of the paired columns: ``paired:``, else the reference and ``kd`` (when it is a row)."""
@@ -205,7 +230,19 @@ def load_protocol(name_or_path: str) -> Protocol:
         if base is None:
             raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found ({where})")
         protocol.base = str(base)
+    if protocol.published is not None:
+        for label in protocol.published.rows:
+            if label not in protocol.methods:
+                raise FeatkdError(f"protocol {protocol.name}: published.rows: {label!r} is not one of its methods"
+                                  f"{did_you_mean(label, protocol.methods)}")
     for label, cfg in protocol.methods.items():
+        if isinstance(cfg, dict):
+            if not protocol.base:
+                raise FeatkdError(f"protocol {protocol.name}: methods.{label}: an inline row needs a base: config")
+            if not isinstance(cfg.get("method"), dict):
+                raise FeatkdError(f"protocol {protocol.name}: methods.{label}: an inline row needs a method: "
+                                  "mapping (e.g. {method: {name: kd}})")
+            continue
         found = protocol_file(cfg, shipped)
         if found is None:
             raise FeatkdError(f"protocol {protocol.name}: methods.{label}: config {cfg} not found ({where})")

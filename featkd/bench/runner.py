@@ -73,15 +73,20 @@ class Cell:
 
 
 def cell_config(protocol: Protocol, label: str, runs_dir: Path) -> str:
-    """The config a row trains with: its own file, or (with ``protocol.base``) its method over the base."""
+    """The config a row trains with: its own file; or (with ``protocol.base``) its method over the base, or its
+    inline sections (a ``methods:`` entry that is a mapping) over the base."""
     if not protocol.base:
-        return protocol.methods[label]
+        return str(protocol.methods[label])
     from featkd.config import build_config, dump_yaml, load_raw, merge
 
-    own = load_raw(protocol.methods[label])
     base = load_raw(protocol.base)
-    method = {**own["method"], **{k: new for k, (_, new) in scaled_schedule(own, base).items()}}
-    raw = merge(base, {"name": f"{protocol.name}-{label}", "method": method})
+    entry = protocol.methods[label]
+    if isinstance(entry, dict):  # inline: written for this protocol's base, so no schedule to scale
+        raw = merge(base, {"name": f"{protocol.name}-{label}", **entry})
+    else:
+        own = load_raw(entry)
+        method = {**own["method"], **{k: new for k, (_, new) in scaled_schedule(own, base).items()}}
+        raw = merge(base, {"name": f"{protocol.name}-{label}", "method": method})
     path = runs_dir / label / "input.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_yaml(build_config(raw)))  # validated now, so a bad row fails before any training

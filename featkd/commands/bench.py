@@ -32,9 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", action="store_true",
                    help="a tuned protocol (one with a tune: section): every method's trials on the tuning seed, "
                         "the best final-epoch validation value selected, then run on --seeds report seeds")
-    p.add_argument("--estimate", metavar="RESULTS_JSON",
-                   help="train nothing: print the expected cost of the grid from the per-run train_s of the rows "
-                        "of RESULTS_JSON (e.g. benchmarks/results/data-limited.json)")
+    p.add_argument("--estimate", metavar="RESULTS_JSON", nargs="?", const="",
+                   help="train nothing: print the expected cost of the grid, from the per-run train_s of the rows "
+                        "of RESULTS_JSON (e.g. benchmarks/results/data-limited.json), or without it from the "
+                        "models' FLOPs and the protocol's train_images (the paper-* protocols: GPU hours)")
+    p.add_argument("--gpu-tflops", type=float,
+                   help="with --estimate and no RESULTS_JSON: effective TFLOP/s of one GPU (default: a gpu_check "
+                        "measurement in --results-dir, else 350, an H100's bf16 peak at 35 %%)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every row for 2 training steps and 1 evaluation on --data-dir, random weights, CPU: checks "
+                        "the protocol runs before any GPU hour is spent")
+    p.add_argument("--data-dir", help="with --smoke: the data (the real set or a small copy in its layout)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +65,22 @@ def run(args: argparse.Namespace) -> int:
         raise FeatkdError(f"protocol {protocol.name} is a tuned protocol (it has a tune: section): run it with --tune")
     runs_dir = Path(args.runs_dir or f"runs/bench/{protocol.name}")
     extra = [x for item in args.overrides for x in ("--set", item)]
+    if args.smoke:
+        from featkd.bench import paper
+
+        if not args.data_dir:
+            raise FeatkdError("--smoke needs --data-dir DIR (the protocol's data set, or a few files in its layout)")
+        rows = paper.smoke(protocol, runner.select_labels(protocol, args.methods), args.data_dir, args.overrides)
+        print(f"smoke: {len(rows)} rows of {protocol.name} trained 2 steps and evaluated in "
+              f"{sum(r['seconds'] for r in rows):.0f}s")
+        return 0
+    if args.estimate == "":
+        from featkd.bench import paper
+
+        labels = runner.select_labels(protocol, args.methods)
+        print(paper.estimate_text(paper.estimate(protocol, labels, seeds, args.gpu_tflops,
+                                                 results_dir=Path(args.results_dir))))
+        return 0
     if args.estimate:
         from featkd.bench import tune as bench_tune
 
