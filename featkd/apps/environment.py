@@ -141,12 +141,15 @@ def _shipped() -> Iterator[Line]:
 
 
 def _zoo() -> Iterator[Line]:
-    from featkd.models.zoo import is_recipe, load_manifest, verify_entry, zoo_dirs
+    from featkd.models.zoo import is_download, is_recipe, load_manifest, verify_entry, zoo_dirs
 
     entries = load_manifest()
     if not entries:
         yield "zoo", f"no entries (no manifest.json in {', '.join(map(str, zoo_dirs()))})", False
     for name, entry in sorted(entries.items()):
+        if is_download(entry) and "sha256" not in entry:  # a published checkpoint, fetched on first use
+            yield f"zoo {name}", f"published weights, downloaded on first use from {entry['url']}", True
+            continue
         if is_recipe(entry) and "sha256" not in entry:  # weights not shipped and not built here: not a fault
             yield f"zoo {name}", f"recipe, not built (featkd zoo build {name})", True
             continue

@@ -16,7 +16,7 @@ from featkd.config import load_config, load_raw
 from featkd.engine.trainer import Trainer
 from featkd.errors import FeatkdError
 from featkd.files import atomic_copy, atomic_write_json
-from featkd.models.zoo import build_dir, is_recipe, sha256_of, zoo_entry
+from featkd.models.zoo import build_dir, fetch, is_download, is_recipe, sha256_of, zoo_entry
 
 __all__ = ["DEFAULT_TOLERANCE", "add_entry", "build_recipe"]
 
@@ -37,6 +37,10 @@ def build_recipe(name: str, out_dir: str | Path | None = None, overrides: tuple[
     entry = zoo_entry(name)
     if not is_recipe(entry):
         raise FeatkdError(f"zoo entry {name!r} ships its weights ({entry['path']}); there is nothing to build")
+    if is_download(entry):  # published weights: building them is fetching them
+        fetched = fetch(entry)
+        log(f"zoo:{name}: {entry['url']} -> {fetched['path']} (sha256 {fetched['sha256'][:12]})")
+        return fetched["built"]
     config = Path(entry["recipe_config"])
     cfg = load_config(config, list(overrides))
     out = Path(out_dir) if out_dir is not None else Path("runs") / "zoo" / name

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from featkd.models.zoo import entry_score, is_recipe, load_manifest, verify_entry, zoo_dirs
+    from featkd.models.zoo import entry_score, is_download, is_recipe, load_manifest, verify_entry, zoo_dirs
 
     if args.action == "add":
         from featkd.apps.zoo_build import add_entry
@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         metric, value = entry_score(e)
         problem = verify_entry(e)
         status, where = ("BAD" if problem else "ok"), e["path"]
-        if is_recipe(e) and "sha256" not in e:  # not shipped and not built here: the command that builds it
+        if is_download(e) and "sha256" not in e:  # published weights, fetched on first use
+            status, where = "download", e["url"]
+        elif is_recipe(e) and "sha256" not in e:  # not shipped and not built here: the command that builds it
             status, where = "recipe", f"featkd zoo build {name}"
         elif problem:
             problems.append(f"zoo entry {name!r}: {problem}")

@@ -78,10 +78,13 @@ def zoo_entry(name: str) -> dict[str, Any]:
 
 
 def resolve_weights(spec: str) -> Path:
-    """A checkpoint path for ``spec``: ``zoo:NAME`` (checksum verified) or a file path."""
+    """A checkpoint path for ``spec``: ``zoo:NAME`` (checksum verified; a published checkpoint is downloaded
+    and converted on first use) or a file path."""
     if not spec.startswith(ZOO_PREFIX):
         return Path(spec)
     entry = zoo_entry(spec[len(ZOO_PREFIX):])
+    if is_download(entry) and ("sha256" not in entry or not Path(entry["path"]).is_file()):
+        entry = fetch(entry)
     problem = verify_entry(entry)
     if problem:
         raise FeatkdError(f"zoo entry {entry['name']!r}: {problem}")
@@ -94,6 +97,8 @@ def verify_entry(entry: dict[str, Any]) -> str | None:
     For a recipe: None once it is built (the built file's sha256 is the one its build recorded), else the
     command that builds it.
     """
+    if is_download(entry) and "sha256" not in entry:
+        return f"not downloaded yet: fetched from {entry['url']} on first use (needs a network)"
     if is_recipe(entry) and "sha256" not in entry:
         return recipe_hint(entry)
     path = Path(entry["path"])
@@ -118,8 +123,14 @@ def entry_score(entry: dict[str, Any]) -> tuple[str, float]:
 
 
 def is_recipe(entry: dict[str, Any]) -> bool:
-    """An entry whose weights are not shipped (no ``file``): built by ``featkd zoo build NAME``."""
+    """An entry whose weights are not shipped (no ``file``): built by ``featkd zoo build NAME``, or (with a
+    ``url``) downloaded on first use."""
     return "file" not in entry
+
+
+def is_download(entry: dict[str, Any]) -> bool:
+    """A published checkpoint (``url``): fetched into :func:`build_dir` on first use (:func:`fetch`)."""
+    return "url" in entry
 
 
 def build_dir() -> Path:
@@ -133,7 +144,9 @@ def _with_paths(item: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A manifest item with its resolved ``path`` (and, for a built recipe, the build's sha256 and record)."""
     if not is_recipe(item):
         return {**item, "path": str(folder / item["file"])}
-    entry = {**item, "path": str(build_dir() / f"{item['name']}.pt"), "recipe_config": str(folder / item["config"])}
+    entry = {**item, "path": str(build_dir() / f"{item['name']}.pt")}
+    if not is_download(item):
+        entry["recipe_config"] = str(folder / item["config"])
     record = build_dir() / f"{item['name']}.json"
     if record.is_file():
         try:
@@ -152,3 +165,75 @@ def recipe_hint(entry: dict[str, Any]) -> str:
     took = f", {entry['train_seconds'] / 60:.0f} min on one CPU core" if entry.get("train_seconds") else ""
     return (f"a recipe whose weights are not built yet: run `featkd zoo build {entry['name']}` (trains "
             f"{entry['model']} on {entry['dataset']}{took}; {recorded})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# published checkpoints: entries with a `url`, downloaded and converted on first use
+# ---------------------------------------------------------------------------------------------------------
+
+
+def convert_state(obj: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict inside a published checkpoint, in the model's own key names: ``obj[state_key]`` (e.g.
+    RepDistiller's ``model``, KDA's ``state_dict``), a DataParallel ``module.`` prefix removed, then each
+    ``rename`` rule ``[regex, replacement]`` applied to every key in order."""
+    import re
+
+    key = entry.get("state_key")
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            found = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, dict) else type(obj).__name__
+            raise FeatkdError(f"zoo entry {entry['name']!r}: the download has no {key!r} (it holds {found})")
+        obj = obj[key]
+    state = {}
+    for name, value in obj.items():
+        name = name.removeprefix("module.")
+        for pattern, replacement in entry.get("rename", []):
+            name = re.sub(pattern, replacement, name)
+        state[name] = value
+    return state
+
+
+def fetch(entry: dict[str, Any]) -> dict[str, Any]:
+    """Download a published checkpoint once (``url``) into ``build_dir()/downloads``, check its sha256 (the
+    manifest's ``sha256_download``, or torchvision's 8-hex ``sha256_prefix`` in its file name; an entry with
+    neither is trusted on first use and its digest recorded, so a later different file is refused), convert it
+    (:func:`convert_state`) to ``build_dir()/NAME.pt`` and record both digests in ``NAME.json``. Returns the
+    entry with its ``sha256``. Offline: one line saying where to put the file."""
+    import datetime
+    import urllib.error
+
+    import torch
+
+    from featkd.files import atomic_file, atomic_write_json
+
+    name, url = entry["name"], entry["url"]
+    raw = build_dir() / "downloads" / url.rstrip("/").split("/")[-1]
+    if raw.name in ("ckpt_epoch_240.pth", ""):  # RepDistiller's files all share one name
+        raw = raw.with_name(f"{name}-{raw.name}")
+    if not raw.is_file():
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(raw), progress=False)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+            raise FeatkdError(f"zoo entry {name!r}: cannot download {url} ({reason}); without a network, fetch it "
+                              f"elsewhere and put it at {raw}") from None
+    digest = sha256_of(raw)
+    record_path = build_dir() / f"{name}.json"
+    old = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    expected = entry.get("sha256_download") or old.get("sha256_download")
+    prefix = entry.get("sha256_prefix")
+    if (expected and digest != expected) or (prefix and not digest.startswith(prefix)):
+        raise FeatkdError(f"zoo entry {name!r}: {raw} has sha256 {digest[:12]}..., expected "
+                          f"{(expected or prefix)[:12]}...: a corrupt or different file (delete it to download "
+                          "again)")
+    from featkd.engine.checkpoint import load_file
+
+    state = convert_state(load_file(raw, f"zoo entry {name!r} download"), entry)
+    with atomic_file(entry["path"], "wb", fsync=True) as f:
+        torch.save(state, f)
+    record = {"sha256": sha256_of(entry["path"]), "sha256_download": digest, "url": url,
+              "trusted_on_first_use": not (entry.get("sha256_download") or prefix),
+              "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_json(record_path, record, indent=2)
+    return {**entry, "sha256": record["sha256"], "built": record}
