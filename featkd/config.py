@@ -76,11 +76,12 @@ class OptimConfig:
     weight_decay: float = 5e-4
     options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the optimiser, e.g.
     # {betas: [0.9, 0.99], eps: 1.0e-8} for Adam (lists become tuples); names checked against its signature
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant", "poly"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # "step": epochs (>= 1) or fractions
     gamma: float = 0.1  # "step": factor at each milestone
     warmup_epochs: float = 0.0  # linear warm-up from lr/100, in epochs (fractions allowed)
-    min_lr: float = 0.0  # "cosine": final learning rate
+    min_lr: float = 0.0  # "cosine", "poly": final learning rate
+    power: float = 0.9  # "poly": lr x (1 - progress)^power (mmseg / torchvision segmentation: 0.9)
     grad_clip: float | None = None  # max global L2 norm of the gradients, None = off
 
     def validate(self, path: str = "optim") -> None:
@@ -91,6 +92,7 @@ class OptimConfig:
             (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (self.gamma > 0, "gamma", "> 0"),
+            (self.power > 0, "power", "> 0"),
             (self.warmup_epochs >= 0, "warmup_epochs", ">= 0"),
             (0.0 <= self.min_lr <= self.lr, "min_lr", f"in [0, optim.lr = {self.lr:g}]"),
             (self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "null or >= 0 (0: off)"),

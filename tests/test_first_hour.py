@@ -288,3 +288,13 @@ def test_the_note_is_written_in_one_place():
     assert relative_note("/abs/x") == ""
     assert relative_note("x") == f" (relative to {os.getcwd()}, the current folder)"
     assert relative_note("~/x") == ""  # expanded to the home folder
+
+
+def test_poly_schedule_is_mmseg_polylr():
+    """``schedule: poly``: lr x (1 - it / total)^power down to min_lr, mmseg's PolyLR(power 0.9, eta_min)."""
+    cfg = OptimConfig(lr=0.01, schedule="poly", power=0.9, min_lr=1e-4)
+    factor = lr_factor(cfg, epochs=2, steps_per_epoch=50)
+    floor = 1e-4 / 0.01
+    for it in (0, 1, 37, 99):
+        assert factor(it) == pytest.approx(floor + (1 - floor) * (1 - it / 100) ** 0.9)
+    assert factor(100) == pytest.approx(floor)

@@ -26,7 +26,8 @@ def lr_factor(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[
 
     Linear warm-up over ``warmup_epochs`` (:func:`fitted_warmup`: shortened when not shorter than the run), then
     ``constant``, ``step`` (x ``gamma`` at each milestone; milestones < 1 are fractions of the run, >= 1 are
-    epochs) or ``cosine`` (to ``min_lr`` at the end).
+    epochs), ``cosine`` (to ``min_lr`` at the end) or ``poly`` (``(1 - progress)^power`` to ``min_lr``, as
+    mmseg's PolyLR with ``eta_min``).
     """
     total = max(1, epochs * steps_per_epoch)
     warmup = min(round(fitted_warmup(cfg, epochs) * steps_per_epoch), total - 1)  # one full-rate step at least
@@ -43,6 +44,8 @@ def lr_factor(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> Callable[[
         if cfg.schedule == "step":
             return cfg.gamma ** sum(it >= m for m in milestones)
         progress = (it - warmup) / max(1, total - warmup)
+        if cfg.schedule == "poly":
+            return floor + (1 - floor) * (1 - min(1.0, progress)) ** cfg.power
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
