@@ -25,6 +25,12 @@ blocks.6   320   ceil(H/8)  4 / 4 / 1
 so ``blocks.1``, ``blocks.2`` and ``blocks.4`` match the ``layer1..layer3`` outputs of a CIFAR ResNet.
 (Channels ``c`` are multiplied by ``width_mult``.) Residual blocks compute ``conv(x) + x`` as their own op;
 the last BN of the branch is ``conv.7``.
+
+``mobilenetv2_cifar`` is CRD's / RepDistiller's student exactly (``models/mobilenetv2.py``, ``mobile_half``:
+the CIFAR-100 tables' "MobileNetV2", student of vgg13 and ResNet-50): width 0.5 with CRD's stride-2 stem, so
+every stage size above is halved (``blocks.1`` 16, ``blocks.2`` 8, ``blocks.4`` 4, ``blocks.6`` 2 on 32x32, the
+maps CRD distils). 812,836 parameters at 100 classes, as ``mobilenetv2_x0_5`` (a stride changes no parameter).
+Module names differ from CRD's in the stem / head (CRD: ``conv1.0``, ``conv2.0``, ``classifier.0``).
 """
 
 from __future__ import annotations
@@ -72,12 +78,16 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, *, num_classes: int, in_channels: int = 3, width_mult: float = 1.0) -> None:
+    def __init__(
+        self, *, num_classes: int, in_channels: int = 3, width_mult: float = 1.0, stem_stride: int = 1
+    ) -> None:
         super().__init__()
         if width_mult <= 0:
             raise ValueError(f"width_mult must be positive, got {width_mult}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         channels = max(1, int(32 * width_mult))
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.relu1 = nn.ReLU()
         self.blocks = nn.ModuleList()
@@ -114,3 +124,9 @@ def mobilenetv2(*, num_classes: int, in_channels: int = 3, width_mult: float = 1
 def mobilenetv2_x0_5(*, num_classes: int, in_channels: int = 3) -> MobileNetV2:
     """CIFAR MobileNetV2 with width 0.5 (CRD's ``MobileNetV2`` student)."""
     return MobileNetV2(num_classes=num_classes, in_channels=in_channels, width_mult=0.5)
+
+
+@MODELS.register("mobilenetv2_cifar")
+def mobilenetv2_cifar(*, num_classes: int, in_channels: int = 3) -> MobileNetV2:
+    """CRD's / RepDistiller's CIFAR ``MobileNetV2`` (``mobile_half``): width 0.5, stride-2 stem."""
+    return MobileNetV2(num_classes=num_classes, in_channels=in_channels, width_mult=0.5, stem_stride=2)

@@ -16,6 +16,17 @@ ceil(H/4), i.e. 32/16/8 for CIFAR, 28/14/7 for MNIST, 8/4/2 for 8x8 digits.
 
 Each block computes ``relu2(bn2(conv2(...)) + shortcut(x))`` with the sum as its own op: the pre-ReLU residual
 sum is the fx node ``layer{i}.{j}.add`` and ``bn2`` is the last BN of the residual branch.
+
+Four-stage CIFAR ResNets of KDA's official code (``idstcv/KDA`` ``resnet_cifar.py``, itself from
+``weiaicunzai/pytorch-cifar100``), the teacher / student of its CIFAR-100 pair:
+
+- ``resnet18_cifar`` (BasicBlocks 2-2-2-2) and ``resnet34_cifar`` (3-4-6-3): a 3x3 stride-1 stem conv with 64
+  channels and no max pool, stages ``layer1..layer4`` of widths 64-128-256-512 with strides 1-2-2-2, the same
+  blocks and shortcuts as above, global average pooling and ``fc``. Stage sizes H, ceil(H/2), ceil(H/4),
+  ceil(H/8) (32/16/8/4 for CIFAR). 11,220,132 and 21,328,292 parameters at 100 classes (torchvision's ResNet-18
+  / -34 with a 3x3 stem instead of the 7x7 one). KDA's feature is the pooled 512-d vector, the capture point
+  ``fc:input`` (KDA's default point). Module names are featkd's (KDA's are ``conv1.0``, ``conv2_x.0.
+  residual_function.0``, ...), so KDA's checkpoints need their keys renamed.
 """
 
 from __future__ import annotations
@@ -53,9 +64,12 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """A 3x3 stride-1 stem conv, then one stage ``layer{i}`` of BasicBlocks per entry of ``blocks`` (the first with
+    stride 1, the others 2), global average pooling and ``fc``."""
+
     def __init__(
         self,
-        depth: int,
+        blocks: Sequence[int],
         *,
         num_classes: int,
         in_channels: int = 3,
@@ -63,22 +77,23 @@ class CifarResNet(nn.Module):
         stem_width: int | None = None,
     ) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
-        if len(widths) != 3 or min(widths) < 1:
-            raise ValueError(f"widths must be 3 positive stage widths, got {list(widths)}")
+        if not blocks or min(blocks) < 1:
+            raise ValueError(f"blocks must be positive numbers of blocks per stage, got {list(blocks)}")
+        if len(widths) != len(blocks) or min(widths) < 1:
+            raise ValueError(f"widths must be {len(blocks)} positive stage widths, got {list(widths)}")
         stem_width = widths[0] if stem_width is None else stem_width
         if stem_width < 1:
             raise ValueError(f"stem_width must be positive, got {stem_width}")
-        n = (depth - 2) // 6
+        self.num_stages = len(blocks)
         self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(stem_width, widths[0], n, stride=1)
-        self.layer2 = self._make_layer(widths[0], widths[1], n, stride=2)
-        self.layer3 = self._make_layer(widths[1], widths[2], n, stride=2)
+        planes = stem_width
+        for i, (width, n) in enumerate(zip(widths, blocks, strict=True)):
+            setattr(self, f"layer{i + 1}", self._make_layer(planes, width, n, stride=1 if i == 0 else 2))
+            planes = width
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], num_classes)
+        self.fc = nn.Linear(planes, num_classes)
         init_weights(self)
 
     @staticmethod
@@ -89,9 +104,18 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+
+def depth_blocks(depth: int) -> tuple[int, int, int]:
+    """The blocks per stage of a three-stage CIFAR ResNet of ``depth`` = 6n + 2 layers: (n, n, n)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
+    n = (depth - 2) // 6
+    return n, n, n
 
 
 SMALL = (16, 32, 64)  # stem 16
@@ -101,7 +125,7 @@ WIDE = (64, 128, 256)  # stem 32
 def _resnet(
     depth: int,
     stem: int,
-    stages: tuple[int, int, int],
+    stages: tuple[int, ...],
     num_classes: int,
     in_channels: int,
     widths: Sequence[int] | None,
@@ -112,7 +136,7 @@ def _resnet(
         widths = stages
         stem_width = stem if stem_width is None else stem_width
     return CifarResNet(
-        depth,
+        depth_blocks(depth),
         num_classes=num_classes,
         in_channels=in_channels,
         widths=widths,
@@ -190,3 +214,38 @@ def resnet32x4(
 ) -> CifarResNet:
     """ResNet-32x4 (stem 32, stages 64-128-256)."""
     return _resnet(32, 32, WIDE, num_classes, in_channels, widths, stem_width)
+
+
+KDA_WIDTHS = (64, 128, 256, 512)  # stem 64
+
+
+def _kda_resnet(
+    blocks: tuple[int, int, int, int],
+    num_classes: int,
+    in_channels: int,
+    widths: Sequence[int] | None,
+    stem_width: int | None,
+) -> CifarResNet:
+    return CifarResNet(
+        blocks,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        widths=KDA_WIDTHS if widths is None else widths,
+        stem_width=stem_width,
+    )
+
+
+@MODELS.register("resnet18_cifar")
+def resnet18_cifar(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """CIFAR ResNet-18 of KDA's code (stem 64, stages 64-128-256-512, blocks 2-2-2-2)."""
+    return _kda_resnet((2, 2, 2, 2), num_classes, in_channels, widths, stem_width)
+
+
+@MODELS.register("resnet34_cifar")
+def resnet34_cifar(
+    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
+) -> CifarResNet:
+    """CIFAR ResNet-34 of KDA's code (stem 64, stages 64-128-256-512, blocks 3-4-6-3)."""
+    return _kda_resnet((3, 4, 6, 3), num_classes, in_channels, widths, stem_width)

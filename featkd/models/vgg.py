@@ -10,7 +10,10 @@ Spatial size of each stage for an ``H x H`` input (``input_size < 64``): ``block
 ``block2`` ceil(H/4), ``block3`` and ``block4`` ceil(H/8): 32/16/8/4/4 for CIFAR, 28/14/7/4/4 for MNIST,
 8/4/2/1/1 for 8x8 digits.
 
-Option ``batchnorm`` (default True) drops the BN layers when False.
+Every conv has a bias, also before a BN, as in CRD's ``vgg.py`` (``nn.Conv2d``'s default): the parameter counts
+are CRD's (vgg13 9,462,180 and vgg8 3,965,028 at 100 classes; 2,944 and 1,472 of them conv biases) and the module
+names and ``state_dict`` keys (``block{i}.{j}.weight`` / ``.bias``, ``classifier``) are those of CRD's
+``vgg13_bn`` / ``vgg8_bn`` checkpoints. Option ``batchnorm`` (default True) drops the BN layers when False.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class VGG(nn.Module):
         for i, widths in enumerate(cfg):
             layers: list[nn.Module] = []
             for w in widths:
-                layers += [nn.Conv2d(in_channels, w, 3, padding=1, bias=not batchnorm)]
+                layers += [nn.Conv2d(in_channels, w, 3, padding=1)]
                 layers += [nn.BatchNorm2d(w)] if batchnorm else []
                 layers += [nn.ReLU()]
                 in_channels = w
