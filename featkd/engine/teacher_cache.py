@@ -79,7 +79,7 @@ NOT_IN_BATCHES = ("eval_batch_size", "num_workers", "download", "eval_window", "
 
 #: data keys added after the key's format was fixed, with the value that leaves the batches as before: in the
 #: key only when set otherwise, so the streams cached before them keep their keys
-LATER_DATA_KEYS = {"augment_policy": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+LATER_DATA_KEYS = {"augment_policy": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "cinic_valid": "unused"}
 
 #: input fingerprints agree when within this (float64 sums of float32 inputs; a one-level change of a
 #: single 8-bit pixel moves a sum by ~1e-2, rounding by < 1e-9)

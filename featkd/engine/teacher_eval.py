@@ -46,7 +46,7 @@ RUN_FILE = "teacher_eval.json"
 #: data keys that shape only the training batches (or how they are loaded); every other key is in the key
 TRAINING_ONLY = ("batch_size", "augment", "crop_padding", "hflip", "scale_jitter", "scale_range", "base_size",
                  "crop_size", "train_subset", "subset_seed", "val_fraction", "num_workers", "download",
-                 "augment_policy", "mixup_alpha", "cutmix_alpha")
+                 "augment_policy", "mixup_alpha", "cutmix_alpha", "cinic_valid")
 
 
 def cache_dir() -> Path:
