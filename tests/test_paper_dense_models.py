@@ -104,6 +104,7 @@ def test_the_segmentation_task_trains_the_aux_head_with_mmsegs_weight():
     torch.manual_seed(1)  # the same dropout masks
     out = model(x)
     assert set(terms) == {"ce", "aux"} and logits.shape == (2, 4, 32, 48) and AUX_WEIGHT == 0.4
+    assert feats["classifier.conv_seg"].shape == (2, 4, 4, 6)  # the logits before upsampling, stride 8
     ce = nn.functional.cross_entropy(out["aux"], y, ignore_index=255)
     torch.testing.assert_close(terms["aux"], 0.4 * ce)
     torch.testing.assert_close(terms["ce"], nn.functional.cross_entropy(out["out"], y, ignore_index=255))
