@@ -15,7 +15,7 @@ On the first CUDA device it finds (at most ~8 minutes on one GPU) this script
    hand) on a CIFAR-style ResNet pair at 32 px and ``torchvision:resnet50 -> resnet18`` at 224 px: fp32 and
    bf16, channels-last off / on, ``torch.compile`` off / on (``train.channels_last`` / ``train.compile``), and
    the hand loop's teacher under ``torch.inference_mode`` vs ``no_grad``; interleaved rounds, medians, ratios;
-   and a full-size detection pair: torchvision's RetinaNet R50-FPN -> R18-FPN (``benchmarks/tv_retinanet.py``) at
+   and a full-size detection pair: torchvision's RetinaNet R50-FPN -> R18-FPN (featkd's ``retinanet_resnet18_fpn``) at
    512 px with bf16 autocast, no pretrained weights, FitNets on every FPN level, featkd's step against
    torchvision's training loop written by hand (``step_overhead.hand_written_detection_step``), on scenes-det
    canvases (128 px, resized to 512 when decoded);
@@ -91,8 +91,8 @@ FAMILIES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 )
 #: method options whose value names a variant with its own check (MGD's reducers: mgd-amp, mgd-rd, mgd-sm)
 VARIANT_KEYS = ("reducer",)
-#: the detection pair: torchvision's RetinaNet R50-FPN, and the same on R18 (benchmarks/tv_retinanet.py)
-DET_TEACHER, DET_STUDENT = "torchvision:retinanet_resnet50_fpn", "tv_retinanet:retinanet_resnet18_fpn"
+#: the detection pair: torchvision's RetinaNet R50-FPN, and the same on R18 (featkd.models.tv_detection)
+DET_TEACHER, DET_STUDENT = "torchvision:retinanet_resnet50_fpn", "retinanet_resnet18_fpn"
 DET_CANVAS = 128  # scenes' largest canvas; data.image_size resizes it to the pair's size when decoded
 
 

@@ -17,7 +17,9 @@ from featkd.errors import FeatkdError
 from featkd.models import (
     DETECTION_MODELS,
     MODELS,
+    PSPNET_MODELS,
     SEGMENTATION_MODELS,
+    TV_DETECTION_MODELS,
     classifier_name,
     create_model,
     list_models,
@@ -84,7 +86,8 @@ def assert_traces_like_eager(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_registered_names() -> None:
-    assert set(list_models()) == EXPECTED_NAMES | FIXED_SIZE_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
+    assert set(list_models()) == (EXPECTED_NAMES | FIXED_SIZE_NAMES | set(SEGMENTATION_MODELS) | set(DETECTION_MODELS)
+                                  | set(PSPNET_MODELS) | set(TV_DETECTION_MODELS))
 
 
 def test_every_model_file_is_found_and_registers() -> None:

@@ -10,10 +10,14 @@ only (a tensor), uses no in-place operation and is traceable by :func:`torch.fx.
   ``point:tokens``, :mod:`featkd.capture.layouts`).
 - Segmenters (``fcn_<backbone>``, ``deeplab_<backbone>``: :mod:`featkd.models.segmentation`) return
   (B, K, H, W) logits at the input's size and end with a 1x1 convolution.
+- ``pspnet_resnet18`` / ``50`` / ``101`` (:mod:`featkd.models.pspnet`): PSPNet on a dilated torchvision ResNet
+  (output stride 8); a tensor, or ``{'out': ..., 'aux': ...}`` with its auxiliary head.
 - Detectors (``retinanet_<backbone>``, ``fcos_<backbone>``, ``fasterrcnn_<backbone>``, ``maskrcnn_<backbone>``:
   :mod:`featkd.models.detection`) are torchvision's RetinaNet / FCOS / Faster R-CNN / Mask R-CNN on a featkd
   trunk: a list of ``{boxes, labels, scores[, masks]}`` in eval mode, their loss dict in train mode (called
-  with targets); like torchvision's, they do not trace as a whole.
+  with targets); like torchvision's, they do not trace as a whole. ``retinanet_`` / ``fasterrcnn_`` /
+  ``maskrcnn_resnet{18,34,50,101}_fpn`` (:mod:`featkd.models.tv_detection`) are the same classes on torchvision's
+  ResNet FPN trunks, built as torchvision's ``*_resnet50_fpn`` builders do.
 
 Models from the user's code, ``package.module:callable`` (:mod:`featkd.models.user`), are imported and
 called with their options; they only have to return an ``nn.Module`` whose output fits the task.
@@ -32,6 +36,7 @@ weights is :mod:`featkd.models.zoo`.
 from __future__ import annotations
 
 from featkd.models.detection import DETECTION_MODELS
+from featkd.models.pspnet import PSPNET_MODELS
 from featkd.models.registry import (
     MODELS,
     classifier_name,
@@ -42,13 +47,16 @@ from featkd.models.registry import (
     parse_model_name,
 )
 from featkd.models.segmentation import SEGMENTATION_MODELS, model_kind, segmentation_logits
+from featkd.models.tv_detection import TV_DETECTION_MODELS
 
 load_models()  # every model file, so MODELS is complete once featkd.models is imported
 
 __all__ = [
     "DETECTION_MODELS",
     "MODELS",
+    "PSPNET_MODELS",
     "SEGMENTATION_MODELS",
+    "TV_DETECTION_MODELS",
     "classifier_name",
     "create_model",
     "list_models",

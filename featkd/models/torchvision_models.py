@@ -34,8 +34,10 @@ activations as the RGB model on that grey image.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,12 +117,12 @@ def create_torchvision_model(
         what = f"weights {weights!r}" if weights is not None else f"options {kwargs}"
         raise FeatkdError(f"model {full!r}: invalid {what}: {exc}") from None
     except OSError as exc:  # urllib errors while downloading weights
-        raise FeatkdError(f"model {full!r}: could not download weights {weights!r}: {exc}") from None
+        raise download_failed(full, "weights", weights, exc) from None
     if weights is not None and not segmenter:
         _replace_classifier(model, num_classes, full)
     if in_channels != 3:
         pretrained = weights is not None or kwargs.get("weights_backbone") is not None
-        _replace_first_conv(model, in_channels, pretrained=pretrained, full=full)
+        replace_first_conv(model, in_channels, pretrained=pretrained, full=full)
     return model
 
 
@@ -147,7 +149,43 @@ def _replace_classifier(model: nn.Module, num_classes: int, full: str) -> None:
         _set_module(model, qualname, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
-def _replace_first_conv(model: nn.Module, in_channels: int, *, pretrained: bool, full: str) -> None:
+def download_failed(full: str, option: str, value: Any, exc: OSError) -> FeatkdError:
+    """The one-line error for weights that could not be downloaded (offline, a proxy, a full disk)."""
+    return FeatkdError(f"model {full!r}: could not download {option} {value!r}: {exc}")
+
+
+@contextlib.contextmanager
+def downloading(full: str, option: str, value: Any) -> Iterator[None]:
+    """Inside the block, an OSError (urllib's, while torchvision downloads weights ``value`` of ``option``)
+    becomes :func:`download_failed`'s one line naming model ``full``; a build that downloads nothing is
+    unaffected."""
+    try:
+        yield
+    except OSError as exc:
+        raise download_failed(full, option, value, exc) from None
+
+
+def backbone_weights(full: str, builder: str, value: Any) -> Any:
+    """torchvision's weights enum member named ``value`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...) for its
+    classification builder ``builder`` (``"resnet50"``), None for None; a wrong name or type is one
+    FeatkdError line naming model ``full`` and the names that exist. Nothing is downloaded here."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FeatkdError(f"model {full!r}: option 'weights_backbone' must be a string, got {value!r}")
+    enum = _torchvision_models().get_model_weights(builder)
+    try:
+        return enum.verify(value)
+    except (KeyError, ValueError):
+        names = ", ".join(enum.__members__)
+        raise FeatkdError(f"model {full!r}: weights_backbone {value!r} is not one of torchvision's {builder} weights "
+                          f"({names})") from None
+
+
+def replace_first_conv(model: nn.Module, in_channels: int, *, pretrained: bool, full: str) -> None:
+    """Replace ``model``'s first ``nn.Conv2d`` (in ``named_modules()`` order) by one taking ``in_channels``
+    inputs, same hyper-parameters: with ``pretrained``, the RGB kernel averaged over its input channels, repeated
+    and scaled by ``3 / in_channels`` (see the module docstring); else a fresh kernel of the old one's spread."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise FeatkdError(f"model {full!r} has no nn.Conv2d whose input channels could be changed")

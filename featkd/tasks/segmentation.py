@@ -13,6 +13,12 @@ Choices (documented in README's segmentation section):
   :func:`slide_logits`): each window's logits are upsampled to the window and the overlapping windows'
   logits averaged per pixel; windows at the far edges are shifted back inside the image, so every pixel is
   covered, and a side shorter than the window is taken whole.
+* A model whose output has an auxiliary head's logits (``{'out': ..., 'aux': ...}``: ``pspnet_*`` with
+  ``aux_loss: true``, torchvision's segmenters with ``aux_loss=True``) trains it as well: the task terms are
+  ``ce`` (the ``out`` logits) and ``aux`` = :data:`AUX_WEIGHT` x the same pixel cross-entropy of the ``aux``
+  logits, both then multiplied by ``method.ce_weight``. The weight is mmseg's for PSPNet / FCN's auxiliary
+  FCNHead (0.4; torchvision's reference script uses 0.5) and no config key: the task is built from the data
+  alone. Evaluation and the KD term read ``out`` only.
 * mIoU is the mean over classes whose union (prediction or ground truth) is not empty of
   ``TP / (TP + FP + FN)``, accumulated over the whole split (not averaged per image), ignored pixels
   excluded, as in mmseg / torchvision's reference scripts.
@@ -20,8 +26,8 @@ Choices (documented in README's segmentation section):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,12 @@ from torch import Tensor, nn
 
 from featkd.models import segmentation_logits
 from featkd.tasks.base import Evaluator, Task
+
+if TYPE_CHECKING:
+    from featkd.capture.capture import CapturingModel
+
+#: weight of the auxiliary head's pixel cross-entropy (an output ``{'out': ..., 'aux': ...}``), mmseg's
+AUX_WEIGHT = 0.4
 
 
 def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -148,6 +160,18 @@ class SegmentationTask(Task):
         if window is None or not isinstance(x, Tensor) or (x.shape[-2] <= window[0] and x.shape[-1] <= window[1]):
             return model(x)
         return slide_logits(lambda crop: self.logits(model(crop)), x, window, self.eval_stride or window)
+
+    def forward_student(
+        self, capture: CapturingModel | nn.Module, x: Any, targets: Any
+    ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor] | None]:
+        """The default forward; with an ``'aux'`` output the terms ``ce`` and ``aux`` (weighted by
+        :data:`AUX_WEIGHT`, see the module docstring) instead of ``ce`` alone."""
+        output, features = capture(x)
+        logits = self.logits(output)
+        aux = output.get("aux") if isinstance(output, Mapping) else None
+        if aux is None:
+            return logits, features, None
+        return logits, features, {"ce": self.loss(logits, targets), "aux": AUX_WEIGHT * self.loss(aux, targets)}
 
     def logits(self, output: Any) -> Tensor:
         """torchvision segmenters return ``{'out': logits, 'aux': ...}``; featkd's return the tensor."""
