@@ -245,7 +245,7 @@ def smoke(protocol: Protocol, labels: Sequence[str], data_dir: str | Path, extra
             sets = [*SMOKE_SETTINGS, f"data.data_dir={data_dir}", *protocol.smoke, *extra]
             cfg = build_config(apply_overrides(raw, sets))
             try:
-                trainer = Trainer(cfg, Path(tmp) / label, log=lambda _m: None)
+                trainer = Trainer(cfg, None, log=lambda _m: None)  # writes nothing: no checkpoint to save
                 for model in (trainer.teacher, trainer.student):
                     calibrate_batchnorm(model, trainer.train_loader)
                 result = trainer.fit()

@@ -38,6 +38,7 @@ class Published:
     metric: str  # e.g. "top-1 error (%)", "box AP", "mIoU"
     source: str  # the table or file, e.g. "KaiyuYue/mgd cls/README.md L169-173"
     rows: dict[str, float | None] = field(default_factory=dict)  # row label -> number (None: not published)
+    gains: dict[str, float] = field(default_factory=dict)  # row label -> published gain over the paper's baseline
     # lower is better (an error rate): how a delta is read
     lower_is_better: bool = False
 
@@ -67,6 +68,9 @@ class Protocol:
     sources: dict[str, str] = field(default_factory=dict)
     unverified: list[str] = field(default_factory=list)
     train_images: int | None = None
+    # the config that trains the teacher first, where no published teacher checkpoint exists (its run folder is
+    # the base's teacher.checkpoint); --estimate counts it
+    teacher_recipe: str | None = None
     smoke: list[str] = field(default_factory=list)
     # YAML anchors shared by the inline rows (capture points of the pair); read by nothing else
     points: dict[str, Any] = field(default_factory=dict)
@@ -215,6 +219,7 @@ def load_protocol(name_or_path: str) -> Protocol:
             raise FeatkdError(f"unknown protocol {name_or_path!r}{did_you_mean(name_or_path, known)}; "
                               f"available: {', '.join(known) or 'none'} (in {folder})")
     protocol = from_dict(Protocol, read_yaml(path), "protocol")
+    where = "in featkd's shipped data" if shipped else "in the current folder or featkd's shipped data"
     if protocol.tune is not None:
         check_tune(protocol)  # the grid first: a wrong trial count is an error even before the configs exist
     if protocol.val_fraction is not None and not 0.0 < protocol.val_fraction < 1.0:
@@ -224,14 +229,18 @@ def load_protocol(name_or_path: str) -> Protocol:
         if label not in protocol.methods:
             raise FeatkdError(f"protocol {protocol.name}: paired: {label!r} is not one of its methods"
                               f"{did_you_mean(label, protocol.methods)}")
-    where = "in featkd's shipped data" if shipped else "in the current folder or featkd's shipped data"
     if protocol.base:
         base = protocol_file(protocol.base, shipped)
         if base is None:
             raise FeatkdError(f"protocol {protocol.name}: base {protocol.base} not found ({where})")
         protocol.base = str(base)
+    if protocol.teacher_recipe:
+        recipe = protocol_file(protocol.teacher_recipe, shipped)
+        if recipe is None:
+            raise FeatkdError(f"protocol {protocol.name}: teacher_recipe {protocol.teacher_recipe} not found ({where})")
+        protocol.teacher_recipe = str(recipe)
     if protocol.published is not None:
-        for label in protocol.published.rows:
+        for label in [*protocol.published.rows, *protocol.published.gains]:
             if label not in protocol.methods:
                 raise FeatkdError(f"protocol {protocol.name}: published.rows: {label!r} is not one of its methods"
                                   f"{did_you_mean(label, protocol.methods)}")

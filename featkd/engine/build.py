@@ -235,6 +235,13 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
     student = build_model(student_spec, data, "student").to(device)
     task.check_output(probe_output(student, example, f"student {cfg.student.model!r}"), "student",
                       cfg.student.model, data.name)
+    if cfg.data.resize_short is not None:  # the data resizes each image: a detector's own resize would redo it
+        from featkd.models.detection import keep_input_size
+
+        kept = [role for role, model in (("teacher", teacher), ("student", student))
+                if model is not None and keep_input_size(model)]
+        if kept:
+            log(f"data.resize_short resizes the images: the {' and '.join(kept)}'s own min_size resize is off")
     task.check_models(teacher, student, cfg.teacher.model if cfg.teacher else "", cfg.student.model, data.name)
     sync_bn = tc.sync_batchnorm and dist.enabled
     if sync_bn and device.type not in SYNC_BATCHNORM_DEVICES:

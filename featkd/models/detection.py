@@ -111,6 +111,21 @@ def keep_size_transform(image_mean: Sequence[float], image_std: Sequence[float])
     return KeepSizeTransform(0, 0, list(image_mean), list(image_std))
 
 
+def keep_input_size(model: nn.Module) -> bool:
+    """Replace a torchvision-style detector's resizing transform by :func:`keep_size_transform` (same mean and
+    std); True when it was replaced. For data that is already resized (``data.resize_short``): the detector's own
+    ``min_size`` resize would scale every image again (the multi-scale draw lost, small images enlarged)."""
+    try:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    except ImportError:
+        return False
+    t = getattr(model, "transform", None)
+    if not isinstance(t, GeneralizedRCNNTransform) or getattr(t, "keeps_size", False):
+        return False
+    model.transform = keep_size_transform(t.image_mean, t.image_std)
+    return True
+
+
 def transform_settings(model: nn.Module) -> dict[str, Any] | None:
     """How a torchvision-style detector resizes and normalises its inputs (its ``transform``), or None for
     a model without a ``GeneralizedRCNNTransform``."""
