@@ -44,8 +44,9 @@ ECCV 2022), which MMRazor and the YOLO distillers also call MGD.
 
 Before spending GPU hours: `featkd bench <protocol> --smoke --data-dir DIR` trains every row two steps and
 evaluates it once on your data (random weights), and `featkd bench <protocol> --estimate` prints the bill
-(runs, epochs, images, GPU hours from the models' FLOPs at an assumed 350 effective TFLOP/s: an H100 at 35 %;
-method overhead and evaluation not counted, so a lower bound). A protocol with a `teacher_recipe` needs its
+(runs, epochs, images, GPU hours from the models' FLOPs at an assumed 100 effective TFLOP/s, about 10 % of an
+H100's bf16 peak; method overhead, evaluation and data loading stalls not counted: measure your GPU with
+`make gpu-check` and pass `--gpu-tflops`). A protocol with a `teacher_recipe` needs its
 teacher trained first (no published checkpoint): `featkd train <teacher_recipe>`; the estimate below counts it.
 Published teachers come from the zoo (`zoo:cifar100-resnet56`, `zoo:imagenet-torchvision-resnet50`, ...),
 downloaded once with their checksum.
@@ -97,9 +98,9 @@ def section(protocol: Protocol, estimates: dict[str, Any]) -> list[str]:
     values = featkd_values(protocol.name)
     metric = protocol.published.metric if protocol.published else ""
     est = estimates.get(protocol.name)
-    bill = (f"{est['gpu_hours']:,.0f} GPU hours for {est['runs']} runs" if est else "not estimated yet")
+    bill = (f"{est['gpu_hours']:,.1f} GPU hours for {est['runs']} runs" if est else "not estimated yet")
     if est and est.get("teacher_gpu_hours"):
-        bill += f" + {est['teacher_gpu_hours']:,.0f} for the teacher"
+        bill += f" + {est['teacher_gpu_hours']:,.1f} for the teacher"
     lines = [f"### {protocol.name}", "", " ".join(protocol.description.split()), "",
              f"Command: `featkd bench {protocol.name}`{teacher_step(protocol)}; estimate: {bill}; "
              f"{protocol.seeds} seed(s).", "",

@@ -5,8 +5,8 @@ FLOPs counted here rather than from earlier runs (there are none at this scale).
 epochs, training images per epoch (the protocol's ``train_images``: the real data set's size), the FLOPs of
 one training image (``3 x`` the student's forward for its forward and backward, plus the teacher's forward,
 counted by :class:`torch.utils.flop_counter.FlopCounterMode` on one image at the protocol's training input
-size) and the GPU hours at an effective rate: ``--gpu-tflops`` (default :data:`DEFAULT_GPU_TFLOPS`, an
-H100's dense bf16 peak at 35 % utilisation), or the rate a ``gpu_check`` measurement implies where
+size) and the GPU hours at an effective rate: ``--gpu-tflops`` (default :data:`DEFAULT_GPU_TFLOPS`, about
+10 % of an H100's dense bf16 peak), or the rate a ``gpu_check`` measurement implies where
 ``benchmarks/results/gpu_check.json`` exists. Method overhead (MGD's matching passes, DFA's search, CRD's
 memory) and evaluation are not counted: the estimate is a lower bound for the training alone.
 
@@ -33,10 +33,11 @@ from featkd.bench.protocol import Protocol
 from featkd.bench.runner import cell_config
 from featkd.errors import FeatkdError
 
-#: TFLOP/s one GPU sustains on these models when nothing was measured: an H100 SXM's dense bf16 peak (989)
-#: at 35 % model-FLOP utilisation, typical of convolutional training with channels-last and bf16. Small
-#: CIFAR models reach far less (the step is launch-bound): their estimate is optimistic.
-DEFAULT_GPU_TFLOPS = 350.0
+#: TFLOP/s one GPU sustains on these models when nothing was measured: 100, about 10 % of an H100 SXM's dense
+#: bf16 peak (989), the order convolutional training reaches once data loading and small kernels are counted
+#: (not measured here: run `make gpu-check` on your GPU and pass --gpu-tflops). Depthwise convolutions and
+#: small CIFAR models reach less; large dense models more.
+DEFAULT_GPU_TFLOPS = 100.0
 
 #: Option names that ask for downloaded weights; the smoke run sets them to None (random weights offline).
 PRETRAINED_OPTIONS = ("weights", "weights_backbone", "pretrained")
@@ -186,7 +187,7 @@ def estimate(protocol: Protocol, labels: Sequence[str], seeds: int, gpu_tflops: 
     rate, rate_source = gpu_tflops, "--gpu-tflops"
     if rate is None:
         measured = measured_tflops(results_dir)
-        rate, rate_source = measured if measured else (DEFAULT_GPU_TFLOPS, "assumed (H100 bf16 at 35 %)")
+        rate, rate_source = measured if measured else (DEFAULT_GPU_TFLOPS, "assumed: ~10 % of an H100's bf16 peak")
     counted: dict[tuple[str, str, tuple], float] = {}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +221,7 @@ def estimate_text(est: dict[str, Any]) -> str:
     for label, r in est["rows"].items():
         lines.append(f"{label:<12} {r['runs']:>4} {r['epochs']:>6} {r['images_per_epoch']:>12,} "
                      f"{'x'.join(map(str, r['input'])):>13} {r['student_gflops']:>7.2f}GF "
-                     f"{r['teacher_gflops']:>7.2f}GF {r['gpu_hours']:>8.1f}")
+                     f"{r['teacher_gflops']:>7.2f}GF {r['gpu_hours']:>8.2f}")
     lines.append(f"estimate: {est['runs']} runs, {est['gpu_hours']:.0f} GPU hours at {est['gpu_tflops']:.0f} "
                  f"effective TFLOP/s ({est['rate_source']}); training FLOPs = epochs x images x (3 x student + "
                  "teacher forward) per image; method overhead and evaluation not counted (a lower bound)")

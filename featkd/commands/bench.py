@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "models' FLOPs and the protocol's train_images (the paper-* protocols: GPU hours)")
     p.add_argument("--gpu-tflops", type=float,
                    help="with --estimate and no RESULTS_JSON: effective TFLOP/s of one GPU (default: a gpu_check "
-                        "measurement in --results-dir, else 350, an H100's bf16 peak at 35 %%)")
+                        "measurement in --results-dir, else 100, ~10 %% of an H100's bf16 peak)")
     p.add_argument("--smoke", action="store_true",
                    help="every row for 2 training steps and 1 evaluation on --data-dir, random weights, CPU: checks "
                         "the protocol runs before any GPU hour is spent")
