@@ -16,7 +16,15 @@ import yaml
 from featkd.apps.zoo_build import add_entry, build_recipe
 from featkd.config import load_config
 from featkd.errors import FeatkdError
-from featkd.models.zoo import build_dir, entry_score, is_recipe, load_manifest, resolve_weights, zoo_entry
+from featkd.models.zoo import (
+    build_dir,
+    entry_score,
+    is_download,
+    is_recipe,
+    load_manifest,
+    resolve_weights,
+    zoo_entry,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -41,6 +49,9 @@ def test_every_config_loads_and_its_checkpoints_resolve(path):
             continue
         entry = zoo_entry(spec.checkpoint[len("zoo:"):])
         assert entry["model"] == spec.model, f"{where} holds a {entry['model']}"
+        if is_download(entry):  # published weights, fetched on first use (tests/test_zoo_download.py)
+            assert entry["url"].startswith(("http://", "https://")) and entry["source"], where
+            continue
         if is_recipe(entry) and "sha256" not in entry:  # not built here: it must be buildable
             assert entry["command"] == f"featkd zoo build {entry['name']}", where
             recipe = load_config(entry["recipe_config"])
@@ -52,7 +63,7 @@ def test_every_config_loads_and_its_checkpoints_resolve(path):
 
 
 def test_every_recipe_in_the_manifest_is_complete():
-    recipes = [e for e in load_manifest().values() if is_recipe(e)]
+    recipes = [e for e in load_manifest().values() if is_recipe(e) and not is_download(e)]
     assert {e["name"] for e in recipes} >= {"digits-torchvision-resnet18", "fashion-mnist-torchvision-resnet34"}
     for entry in recipes:
         assert Path(entry["recipe_config"]).is_file() and entry["command"] == f"featkd zoo build {entry['name']}"
