@@ -97,8 +97,8 @@ def test_env_reports_one_line_per_item(capsys):
             "tensorboard", "tqdm", "matplotlib", "data digits", "data fashion-mnist", "configs", "protocols"} <= items
     for name in json.loads((ROOT / "zoo" / "manifest.json").read_text()):
         assert f"zoo {name['name']}" in items
-    assert all("sha256 ok" in line or "recipe, not built" in line for line in out.splitlines()
-               if line.startswith("zoo "))
+    assert all("sha256 ok" in line or "recipe, not built" in line or "downloaded on first use" in line
+               for line in out.splitlines() if line.startswith("zoo "))
 
 
 def test_zoo_list_flags_a_changed_file(capsys, tmp_path, monkeypatch):
@@ -109,7 +109,8 @@ def test_zoo_list_flags_a_changed_file(capsys, tmp_path, monkeypatch):
     code, out, err = cli(capsys, "zoo", "list")
     assert code == 1 and any(line.split()[0] == "x" and " BAD " in line for line in out.splitlines())
     assert "zoo entry 'x':" in err and "corrupt or was replaced" in err
-    assert all(" ok " in line or " recipe " in line for line in out.splitlines()[1:] if line.split()[0] != "x")
+    assert all(" ok " in line or " recipe " in line or " download " in line
+               for line in out.splitlines()[1:] if line.split()[0] != "x")
 
 
 def test_protocol_configs_resolve_in_the_shipped_data(tmp_path, monkeypatch):
@@ -176,8 +177,9 @@ def test_wheel_installed_elsewhere_runs_the_product(tmp_path):
     listed = {line.split()[0]: line.split() for line in run("zoo", "list").stdout.splitlines()[1:]}
     for entry in manifest:
         row = listed[entry["name"]]
-        if "file" not in entry:  # a recipe: unbuilt, or built on this machine into the user's cache (not site)
-            assert row[5] in ("ok", "recipe"), row
+        if "file" not in entry:  # a recipe: unbuilt, or built on this machine into the user's cache (not site);
+            # or published weights, fetched on first use
+            assert row[5] in ("ok", "recipe", "download"), row
             continue
         path = Path(row[-1])
         assert row[-2] == "ok" and path.is_relative_to(site), row
