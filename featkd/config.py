@@ -365,6 +365,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         sections = [a for a in args if dataclasses.is_dataclass(a)]
         if isinstance(value, Mapping) and len(sections) == 1:  # an optional section: its own key errors
             return _convert(value, sections[0], path)
+        named = [a for a in args if typing.get_origin(a) is dict and len(typing.get_args(a)) == 2
+                 and dataclasses.is_dataclass(typing.get_args(a)[1])]
+        if isinstance(value, Mapping) and len(named) == 1:  # optional NAME -> section (teachers:): their key errors
+            return _convert(value, named[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
