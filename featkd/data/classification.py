@@ -11,6 +11,7 @@ cifar10/100   torchvision's python pickles under data_dir            random crop
 imagefolder   data_dir/train/<class>/*, data_dir/val|test/<class>/*  RandomResizedCrop + hflip
 cub200        CUB_200_2011/images.txt + its lists (featkd.data.cub)  RandomResizedCrop + hflip
 cinic10       data_dir/{train,valid,test}/<10 classes>/*.png         random crop, pad 4 + hflip
+unlabelled    data_dir/**/<images> (no labels; train/ + val/ if there)   RandomResizedCrop + hflip
 ============  =====================================================  ========================================
 
 The first five return an :class:`~featkd.data.bundle.InMemorySource` (uint8 tensors, normalised on the device

@@ -99,7 +99,7 @@ class DataConfig:
     """The ``data:`` section of an experiment."""
 
     dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | cub200 |
-    # cinic10 (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
+    # cinic10, unlabelled (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
     # (featkd.data.seg_datasets), and the detection sets coco | scenes-det (featkd.data.det_datasets)
     data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
     # folder (required); cifar10/cifar100/imagefolder/cinic10/voc/cityscapes/segfolder: root (required); cub200: the
