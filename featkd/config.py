@@ -41,6 +41,49 @@ class ModelConfig:
     checkpoint: str | None = None
 
 
+@dataclass
+class TeacherSpec(ModelConfig):
+    """One member of ``teachers:`` (a :class:`~featkd.models.ensemble.TeacherEnsemble`): a model as under
+    ``teacher:`` plus the input it wants. The ensemble undoes the data's normalisation and gives each member its
+    own view of the batch: resized (bilinear) to ``input_size`` and normalised with ``mean`` / ``std``. null keeps
+    the data's size / normalisation. Unlike ``teacher:``, ``options`` may set ``num_classes`` / ``in_channels``
+    (a teacher trained on other data: a 1000-class head, RGB input; a grey batch is repeated to 3 channels)."""
+
+    input_size: int | list[int] | None = None  # int: square; [H, W]
+    mean: list[float] | None = None  # per input channel of the member, on [0, 1] pixels
+    std: list[float] | None = None
+
+    def validate(self, path: str = "teachers.NAME") -> None:
+        size = self.input_size
+        ok = size is None or (isinstance(size, int) and size >= 1) or (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size))
+        if not ok:
+            raise ConfigError(f"{path}.input_size: must be null, a positive integer or [H, W], got {size!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError(f"{path}.mean / std: give both or neither")
+        if self.mean is not None and (len(self.mean) != len(self.std) or not all(s > 0 for s in self.std)):
+            raise ConfigError(f"{path}.std: must have one positive value per channel of mean, got {self.std!r}")
+
+
+#: names a teacher of ``teachers:`` may not take: the ensemble's own attributes (``nn.Module``'s included)
+RESERVED_TEACHER_NAMES = ("member_names", "views", "data_mean", "data_std", "input_shapes", "member", "qualify",
+                          "member_of", "view_of")
+
+
+def check_teacher_name(name: str, path: str = "teachers") -> None:
+    """A ``teachers:`` name is a Python identifier (capture points are ``NAME.module``) that is no attribute of
+    ``nn.Module``; a one-line ConfigError otherwise."""
+    import keyword
+
+    from torch import nn  # local: the config needs torch only here
+
+    if not (isinstance(name, str) and name.isidentifier()) or keyword.iskeyword(name) or name.startswith("_"):
+        raise ConfigError(f"{path}.{name}: a teacher's name must be an identifier such as dino or cnn "
+                          "(its capture points are NAME.module)")
+    if hasattr(nn.Module, name) or name in RESERVED_TEACHER_NAMES:
+        raise ConfigError(f"{path}.{name}: {name!r} is reserved (an attribute of the ensemble module); rename it")
+
+
 #: torch.optim classes the trainer cannot drive (it calls ``step()`` without a closure, on dense gradients), and why
 _UNDRIVABLE_OPTIMIZERS = {"LBFGS": "it needs a closure that re-runs the forward",
                           "SparseAdam": "it takes sparse gradients only"}
@@ -233,6 +276,9 @@ class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig | None = None
+    # several teachers: name -> model, options, checkpoint, input_size, mean, std (featkd/models/ensemble.py); its
+    # capture points are NAME.module (NAME:module is accepted in method pairs); not together with `teacher:`
+    teachers: dict[str, TeacherSpec] | None = None
     student: ModelConfig = field(default_factory=ModelConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -248,9 +294,37 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def has_teacher(self) -> bool:
+        """Whether a teacher is configured (``teacher:`` or ``teachers:``)."""
+        return self.teacher is not None or bool(self.teachers)
+
+    @property
+    def teacher_label(self) -> str | None:
+        """The teacher as logs and summaries name it: its model, or ``ensemble(dino=..., cnn=...)``."""
+        if self.teachers:
+            return "ensemble(" + ", ".join(f"{n}={s.model}" for n, s in self.teachers.items()) + ")"
+        return self.teacher.model if self.teacher is not None else None
+
+    def teacher_description(self) -> dict[str, Any]:
+        """``{"model": ..., "options": ...}`` of the teacher (cache keys); for ``teachers:`` the model is
+        :attr:`teacher_label` and the options every member's model, options and input view."""
+        if self.teachers:
+            return {"model": self.teacher_label, "options": {
+                n: {k: v for k, v in dataclasses.asdict(s).items() if k != "checkpoint"}
+                for n, s in self.teachers.items()}}
+        return {"model": self.teacher.model, "options": self.teacher.options} if self.teacher else {}
+
     def validate(self, path: str = "") -> None:
         """Checks across sections (each section checked its own values already)."""
         check_schedule(self.optim, self.train.epochs)
+        if self.teachers is not None:
+            if self.teacher is not None:
+                raise ConfigError("teachers: give `teacher:` (one teacher) or `teachers:` (several), not both")
+            if not self.teachers:
+                raise ConfigError("teachers: give at least one NAME: {model: ...}")
+            for name in self.teachers:
+                check_teacher_name(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,6 +365,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         sections = [a for a in args if dataclasses.is_dataclass(a)]
         if isinstance(value, Mapping) and len(sections) == 1:  # an optional section: its own key errors
             return _convert(value, sections[0], path)
+        named = [a for a in args if typing.get_origin(a) is dict and len(typing.get_args(a)) == 2
+                 and dataclasses.is_dataclass(typing.get_args(a)[1])]
+        if isinstance(value, Mapping) and len(named) == 1:  # optional NAME -> section (teachers:): their key errors
+            return _convert(value, named[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -321,6 +399,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # NAME -> section (teachers:)
+            return {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -475,8 +556,8 @@ def build_config(raw: Mapping[str, Any]) -> ExperimentConfig:
     cls = METHODS.get(str(method["name"]))
     options = from_dict(cls.Config, cfg.method_options(), "method")
     cfg.method = {"name": method["name"], **dataclasses.asdict(options)}
-    if cls.needs_teacher and cfg.teacher is None:
-        raise ConfigError(f"teacher: method {method['name']!r} needs a teacher section")
+    if cls.needs_teacher and not cfg.has_teacher:
+        raise ConfigError(f"teacher: method {method['name']!r} needs a teacher section (or teachers:)")
     return cfg
 
 

@@ -20,7 +20,7 @@ A bundle's loaders come from its ``backend`` (:class:`LoaderBackend`): :class:`~
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,7 +31,7 @@ from featkd.data.augment import AugmentSpec, MixSpec, mix_batch
 from featkd.data.config import DATASETS, DataConfig
 from featkd.data.images import open_image
 from featkd.data.loaders import Device, InMemoryBackend, Loader, Normalizer, TensorSplit
-from featkd.data.splits import split_train
+from featkd.data.splits import split_dense, split_train
 from featkd.data.streaming import OnImage, StreamDataset, stack_pairs, stream_eval_loader, stream_train_loader
 from featkd.errors import ConfigError, DataError, FeatkdError, relative_note
 
@@ -131,8 +131,10 @@ class FolderBackend:
     if it has one, else the held-out ``val_view`` of ``train``) and the whole test set (eval transform)."""
 
     def __init__(self, src: FolderSource, train_view: Tensor, val_view: Tensor | None, norm: Normalizer,
-                 workers: int, name: str, skip_bad: bool = False, mix: MixSpec | None = None) -> None:
+                 workers: int, name: str, skip_bad: bool = False, mix: MixSpec | None = None,
+                 ignore_labels: bool = False) -> None:
         self.src, self.norm, self.workers, self.skip_bad = src, norm, workers, skip_bad
+        self.ignore_labels = ignore_labels  # data.labels: ignore: the training and validation targets are -1
         self.mix = mix if mix is not None and mix.enabled else None
         self.read = {"train": FolderRead(src.train, name), "test": FolderRead(src.test, name)}
         self.views = {"train": train_view.tolist(), "test": list(range(len(src.test)))}
@@ -145,13 +147,17 @@ class FolderBackend:
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return self.norm(x), y.long()
 
+    def _finish_unlabelled(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.norm(x), torch.full_like(y, -1, dtype=torch.long)
+
     def train_loader(self, batch_size: int, *, seed: int, **kw: Any) -> Loader:
         ds = StreamDataset(self.read["train"], self.views["train"], OnImage(self.src.train_transform), seed=seed,
                            skip_bad=self.skip_bad)
         spec = self.mix
         mix = None if spec is None else (
             lambda x, y, epoch, batch: mix_batch(x, y, spec, seed=seed, epoch=epoch, batch=batch))
-        return stream_train_loader(ds, stack_pairs, self._finish, batch_size, seed=seed, num_workers=self.workers,
+        finish = self._finish_unlabelled if self.ignore_labels else self._finish
+        return stream_train_loader(ds, stack_pairs, finish, batch_size, seed=seed, num_workers=self.workers,
                                    mix=mix, **kw)
 
     def eval_loader(self, split: str, batch_size: int, indices: Tensor | None, **kw: Any) -> Loader | None:
@@ -160,7 +166,8 @@ class FolderBackend:
             return None
         ds = StreamDataset(self.read[split], view, OnImage(self.src.eval_transform),
                            skip_bad=self.skip_bad)
-        return stream_eval_loader(ds, stack_pairs, self._finish, batch_size, indices=indices,
+        finish = self._finish_unlabelled if self.ignore_labels and split != "test" else self._finish
+        return stream_eval_loader(ds, stack_pairs, finish, batch_size, indices=indices,
                                   num_workers=self.workers, **kw)
 
 
@@ -193,6 +200,11 @@ class DataBundle:
     storage: str = "in memory"  # where the samples live, as the run's first line states it
     eval_window: tuple[int, int] | None = None  # segmentation: sliding-window evaluation (H, W), None: whole
     eval_stride: tuple[int, int] | None = None  # the windows' step (H, W) (tasks/segmentation.py predict)
+    #: False for a label-free run (data.labels: ignore, dataset: unlabelled): training targets are -1, and the
+    #: task (featkd.tasks.label_free) scores the student by k-NN and a linear probe on ``probe``
+    labelled: bool = True
+    #: the labelled set of a label-free run's evaluation (data.probe, or the data set itself with its labels)
+    probe: DataBundle | None = field(default=None, repr=False, compare=False)
     backend: LoaderBackend = field(kw_only=True, repr=False, compare=False)  # makes the loaders
 
     def train_loader(
@@ -315,6 +327,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
         if where and not Path(cfg.data_dir).expanduser().exists():
             raise DataError(f"data.data_dir: {cfg.data_dir!r} not found{where}; {exc}") from None
         raise
+    if cfg.label_free and not isinstance(src, (InMemorySource, FolderSource)):
+        raise ConfigError(f"data.labels: ignore is for classification sets; {cfg.dataset!r} is not one")
     if isinstance(src, BundleSource):
         bundle = src.to_bundle(cfg)
     elif isinstance(src, FolderSource):
@@ -336,11 +350,30 @@ def build_data(cfg: DataConfig) -> DataBundle:
         if getattr(cfg, key) != off and bundle.task != "classification":
             raise ConfigError(f"data.{key}: a classification recipe (its images and class targets); "
                               f"{cfg.dataset!r} is a {bundle.task} set")
+    if cfg.label_free:
+        probe_cfg = cfg.probe
+        if probe_cfg is None and cfg.dataset != "unlabelled":  # the same set, its labels read for scoring only
+            probe_cfg = replace(cfg, labels="read", probe=None, augment=False, mixup_alpha=0.0, cutmix_alpha=0.0)
+        probe = None if probe_cfg is None else build_data(probe_cfg)
+        if probe is not None and probe.task != "classification":
+            raise ConfigError(f"data.probe: {probe_cfg.dataset!r} is a {probe.task} set; the k-NN / linear probe "
+                              "needs class labels")
+        bundle = replace(bundle, labelled=False, probe=probe)
     return bundle
 
 
+def _train_split(cfg: DataConfig, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The (train, val) indices of a classification training split: class-stratified, or without reading the
+    labels (seeded permutations, :func:`~featkd.data.splits.split_dense`) when the run is label-free."""
+    if cfg.label_free:
+        return split_dense(len(labels), cfg, cfg.dataset)
+    return split_train(labels, cfg, cfg.dataset)
+
+
 def _build_in_memory(cfg: DataConfig, src: InMemorySource) -> DataBundle:
-    train_idx, val_idx = split_train(src.train_labels, cfg, cfg.dataset)
+    train_idx, val_idx = _train_split(cfg, src.train_labels)
+    if cfg.label_free:  # never read in training: -1 (the test split keeps its labels, for nobody but the curious)
+        src = replace(src, train_labels=torch.full_like(src.train_labels, -1))
     full = TensorSplit(src.train_images, src.train_labels)
     if len(train_idx) == len(full):
         train = full
@@ -376,7 +409,7 @@ def in_memory_bundle(cfg: DataConfig, num_classes: int, train: TensorSplit, val:
 
 
 def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
-    train_idx, val_idx = split_train(src.train_labels, cfg, cfg.dataset)
+    train_idx, val_idx = _train_split(cfg, src.train_labels)
     norm = Normalizer(src.mean, src.std, 255.0)
     mix = train_mix(cfg, src.num_classes)
     return DataBundle(
@@ -392,5 +425,5 @@ def _build_folder(cfg: DataConfig, src: FolderSource) -> DataBundle:
         soft_targets=mix.enabled,
         storage=f"streamed from disk ({cfg.num_workers} workers)",
         backend=FolderBackend(src, train_idx, val_idx, norm, cfg.num_workers, cfg.dataset,
-                              cfg.bad_files == "skip", mix),
+                              cfg.bad_files == "skip", mix, ignore_labels=cfg.label_free),
     )

@@ -11,6 +11,7 @@ cifar10/100   torchvision's python pickles under data_dir            random crop
 imagefolder   data_dir/train/<class>/*, data_dir/val|test/<class>/*  RandomResizedCrop + hflip
 cub200        CUB_200_2011/images.txt + its lists (featkd.data.cub)  RandomResizedCrop + hflip
 cinic10       data_dir/{train,valid,test}/<10 classes>/*.png         random crop, pad 4 + hflip
+unlabelled    data_dir/**/<images> (no labels; train/ + val/ if there)   RandomResizedCrop + hflip
 ============  =====================================================  ========================================
 
 The first five return an :class:`~featkd.data.bundle.InMemorySource` (uint8 tensors, normalised on the device
@@ -339,6 +340,50 @@ def imagefolder(cfg: DataConfig) -> FolderSource:
         train, test, torch.as_tensor(train.targets, dtype=torch.long), num_classes=len(train.classes),
         image_size=size, train_transform=train_tf, eval_transform=eval_tf, augmentation=aug,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+
+
+#: image files the unlabelled set collects (torchvision's ImageFolder extensions)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: the seeded hold-out of a flat unlabelled folder: 1/20 of its images, at least 1 and at most 1,000
+UNLABELLED_TEST_FRACTION, UNLABELLED_TEST_MAX = 20, 1000
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Every image file under ``folder`` (recursively), sorted, so the order is the same on every machine."""
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@DATASETS.register("unlabelled")
+def unlabelled(cfg: DataConfig) -> FolderSource:
+    """A folder of images without labels (label-free distillation, ``docs/methods/multiteacher.md``): every image
+    file under ``data_dir``, found recursively. With ``train/`` and ``val/`` (or ``test/``) sub-folders those are
+    the splits; otherwise a seeded 1/20 of the files (at least 1, at most 1,000; ``data.subset_seed``) is held out
+    as the test split (the method's agreement numbers are measured there). Streamed and transformed as
+    imagefolder (ImageNet recipe, ImageNet mean / std, RGB); class ids are -1; the bundle has one class (the
+    student's head is not trained; teachers of ``teachers:`` set their own ``num_classes``)."""
+    root = _require_root(cfg, "the images (any depth of sub-folders)")
+    if not root.is_dir():
+        raise DataError(f"unlabelled: {root} is not a folder")
+    size, train_tf, eval_tf, aug = _imagenet_transforms(cfg)
+    test_dir = next((d for d in (root / "val", root / "test") if d.is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        train_files, test_files = _image_files(root / "train"), _image_files(test_dir)
+    else:
+        files = _image_files(root)
+        n_test = min(UNLABELLED_TEST_MAX, max(1, len(files) // UNLABELLED_TEST_FRACTION))
+        g = torch.Generator().manual_seed(cfg.subset_seed)
+        held = set(torch.randperm(len(files), generator=g)[:n_test].tolist()) if len(files) > 1 else set()
+        train_files = [f for i, f in enumerate(files) if i not in held]
+        test_files = [f for i, f in enumerate(files) if i in held]
+    if not train_files or not test_files:
+        raise DataError(f"unlabelled: {root} holds too few images ({len(train_files)} for training, "
+                        f"{len(test_files)} held out); extensions read: {', '.join(IMAGE_EXTENSIONS)}")
+    train = ImageList([(f, -1) for f in train_files], [])
+    test = ImageList([(f, -1) for f in test_files], [])
+    return FolderSource(
+        train, test, torch.full((len(train),), -1, dtype=torch.long), num_classes=1, image_size=size,
+        train_transform=train_tf, eval_transform=eval_tf, augmentation=aug, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
 
 

@@ -99,7 +99,7 @@ class DataConfig:
     """The ``data:`` section of an experiment."""
 
     dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | cub200 |
-    # cinic10 (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
+    # cinic10, unlabelled (featkd.data.classification), the segmentation sets scenes | voc | cityscapes | segfolder
     # (featkd.data.seg_datasets), and the detection sets coco | scenes-det (featkd.data.det_datasets)
     data_dir: str | None = None  # fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: tarball or
     # folder (required); cifar10/cifar100/imagefolder/cinic10/voc/cityscapes/segfolder: root (required); cub200: the
@@ -165,6 +165,19 @@ class DataConfig:
     eval_window: int | list[int] | None = None  # segmentation evaluation: slide windows of this (H, W) over
     # images larger than it and average the overlapping logits (mmseg mode 'slide'); null: the whole image
     eval_stride: int | list[int] | None = None  # the windows' step; null: 2/3 of eval_window, rounded up
+    # ---- label-free training (docs/methods/multiteacher.md) ----
+    # ignore: the training split's labels are never read (targets -1, subsets and val_fraction drawn unstratified,
+    # no task loss); the run is scored by k-NN and a linear probe on `probe`. dataset: unlabelled has none anyway
+    labels: Literal["read", "ignore"] = "read"
+    # the labelled classification set of a label-free run's k-NN / linear-probe evaluation (its train split with
+    # eval transforms is the bank, its test split the queries); null: the same data section with its labels read
+    # (for data.labels: ignore), nothing for dataset: unlabelled (then only the method's own numbers are logged)
+    probe: DataConfig | None = None
+
+    @property
+    def label_free(self) -> bool:
+        """Whether training reads no labels (``labels: ignore`` or the ``unlabelled`` data set)."""
+        return self.labels == "ignore" or self.dataset == "unlabelled"
 
     def validate(self, path: str = "data") -> None:
         """Check the values (called by the config loader and by :func:`~featkd.data.bundle.build_data`);
@@ -220,6 +233,15 @@ class DataConfig:
         if self.cinic_valid == "val" and self.val_fraction > 0:
             raise ConfigError(f"{path}.val_fraction: with {path}.cinic_valid: val, CINIC-10's valid/ is the "
                               "validation split; set one of the two")
+        if self.probe is not None:
+            if not self.label_free:
+                raise ConfigError(f"{path}.probe: only for a label-free run (data.labels: ignore or dataset: "
+                                  "unlabelled); a labelled run is scored on its own test split")
+            if self.probe.label_free or self.probe.probe is not None:
+                raise ConfigError(f"{path}.probe: must be a labelled set (labels: read, dataset not unlabelled, "
+                                  "no probe of its own)")
+        if self.labels == "ignore" and (self.mixup_alpha or self.cutmix_alpha):
+            raise ConfigError(f"{path}.labels: ignore has no targets to mix; set mixup_alpha and cutmix_alpha to 0")
         if self.download and self.dataset not in _DOWNLOADABLE:
             raise ConfigError(
                 f"{path}.download: {self.dataset} cannot be downloaded "

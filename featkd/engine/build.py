@@ -106,6 +106,10 @@ class Run:
         """
         kw = {"rank": self.dist.rank, "world_size": self.dist.world_size, "device": self.device}
         bs = self.cfg.data.eval_batch_size
+        custom = self.task.evaluate(model, split, batch_size=self.cfg.data.eval_batch_size, dist=self.dist,
+                                    device=self.device, autocast=self.autocast)
+        if custom is not None:  # the task scores on other data (a label-free run's probe set)
+            return custom
         loader = {"test": self.data.test_loader, "val": self.data.val_loader,
                   "train": self.data.train_eval_loader}[split](bs, **kw)
         if loader is None:
@@ -131,6 +135,40 @@ def build_model(spec: ModelConfig, data: DataBundle, role: str) -> nn.Module:
     if spec.checkpoint:
         ckpt.load_model_weights(model, resolve_weights(spec.checkpoint), what=f"{role}.checkpoint")
     return model
+
+
+def build_teacher(cfg: ExperimentConfig, data: DataBundle, device: torch.device, example: Tensor, task: Task,
+                  log: Callable[[str], None]) -> nn.Module:
+    """The frozen teacher of ``cfg``: ``teacher:`` built as any model, or ``teachers:`` as a
+    :class:`~featkd.models.ensemble.TeacherEnsemble` of its members (each with its own input view)."""
+    if not cfg.teachers:
+        if not cfg.teacher.checkpoint:
+            log("warning: teacher.checkpoint is empty: distilling from an untrained teacher")
+        teacher = build_model(cfg.teacher, data, "teacher").to(device).eval()
+    else:
+        from featkd.models.ensemble import TeacherEnsemble, input_channels, member_view
+
+        members, views = {}, {}
+        for name, spec in cfg.teachers.items():
+            role = f"teachers.{name}"
+            if not spec.checkpoint:
+                log(f"warning: {role}.checkpoint is empty: distilling from an untrained teacher")
+            options = dict(spec.options)
+            kw = {"num_classes": options.pop("num_classes", data.num_classes),
+                  "in_channels": options.pop("in_channels", data.input_shape[0])}
+            model = create_model(spec.model, **kw, **options)
+            if spec.checkpoint:
+                ckpt.load_model_weights(model, resolve_weights(spec.checkpoint), what=f"{role}.checkpoint")
+            members[name] = model
+            views[name] = member_view(name, spec.input_size, spec.mean, spec.std,
+                                      input_channels(model) or kw["in_channels"])
+        teacher = TeacherEnsemble(members, views, data.mean or (0.0,) * data.input_shape[0],
+                                  data.std or (1.0,) * data.input_shape[0]).to(device).eval()
+    teacher.requires_grad_(False)
+    output = probe_output(teacher, example, f"teacher {cfg.teacher_label!r}")
+    if not cfg.teachers:  # an ensemble's first member may be any encoder: its output is a classifier's only for KD
+        task.check_output(output, "teacher", cfg.teacher.model, data.name)
+    return teacher
 
 
 def _check_method_task(method_cls: type[Distiller], name: str, task: Task) -> None:
@@ -162,6 +200,10 @@ def build_distiller(
     ``train_size``: samples in the training split (for methods with a per-sample memory), if known.
     """
     input_shape = tuple(example.shape[1:])
+    qualify = getattr(teacher, "qualify", None)  # a TeacherEnsemble: `dino:blocks.11` -> `dino.blocks.11`
+    if qualify is not None and isinstance(getattr(options, "pairs", None), list):
+        options = replace(options, pairs=[[p[0], qualify(p[1]), *p[2:]] if isinstance(p, list) and len(p) >= 2
+                                          else p for p in options.pairs])
     if teacher is not None and isinstance(getattr(options, "pairs", None), list):  # [m[*], m[*]]: levels by stride
         options = replace(options, pairs=expand_entry_pairs(options.pairs, teacher, student, example))
     build_ctx = BuildContext(teacher, student, input_shape, num_classes, example.device, task,  # type: ignore[arg-type]
@@ -221,14 +263,9 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
     example = torch.zeros(2, *data.input_shape, device=device)
     teacher = None
     if method_cls.needs_teacher:
-        if cfg.teacher is None:
-            raise ConfigError(f"teacher: method {cfg.method_name!r} needs a teacher section")
-        if not cfg.teacher.checkpoint:
-            log("warning: teacher.checkpoint is empty: distilling from an untrained teacher")
-        teacher = build_model(cfg.teacher, data, "teacher").to(device).eval()
-        teacher.requires_grad_(False)
-        task.check_output(probe_output(teacher, example, f"teacher {cfg.teacher.model!r}"), "teacher",
-                          cfg.teacher.model, data.name)
+        if not cfg.has_teacher:
+            raise ConfigError(f"teacher: method {cfg.method_name!r} needs a teacher section (or teachers:)")
+        teacher = build_teacher(cfg, data, device, example, task, log)
     student_spec = cfg.student if student_checkpoint is None else replace(cfg.student,
                                                                           checkpoint=str(student_checkpoint))
     seed_student_init(tc.seed)
@@ -242,7 +279,7 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
                 if model is not None and keep_input_size(model)]
         if kept:
             log(f"data.resize_short resizes the images: the {' and '.join(kept)}'s own min_size resize is off")
-    task.check_models(teacher, student, cfg.teacher.model if cfg.teacher else "", cfg.student.model, data.name)
+    task.check_models(teacher, student, cfg.teacher_label or "", cfg.student.model, data.name)
     sync_bn = tc.sync_batchnorm and dist.enabled
     if sync_bn and device.type not in SYNC_BATCHNORM_DEVICES:
         log("train.sync_batchnorm needs CUDA; keeping per-rank BatchNorm statistics on CPU")
@@ -255,6 +292,10 @@ def build_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, *,
                 model.to(memory_format=torch.channels_last)
     distiller, student_capture, teacher_capture = build_distiller(method_cls, options, teacher, student, example,
                                                                   data.num_classes, task, data.train_size)
+    if not data.labelled and distiller.class_targets:
+        raise ConfigError(f"method.name: {cfg.method_name!r} (with these options) reads the targets as class ids, but "
+                          "this run is label-free (data.labels: ignore / dataset: unlabelled); use a feature method "
+                          "(multiteacher, fitnets, cwt, mgd, ...) or kd")
     if data.soft_targets and distiller.class_targets:
         raise ConfigError(f"data.mixup_alpha / cutmix_alpha: method {cfg.method_name!r} (with these options) reads "
                           "the targets as class ids, but mixed batches have soft targets; set both to 0")

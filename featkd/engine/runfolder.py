@@ -291,12 +291,20 @@ class RunLock:
             self.release()
 
 
+#: config keys added after run folders were first written, with the value that means "as before": a checkpoint
+#: written without the key equals a config that has it at this value (so older runs still resume)
+LATER_CONFIG_KEYS = {"teachers": None, "data.labels": "read", "data.probe": None}
+
+
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two config dicts (``method`` compared as one value)."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         path = f"{prefix}{k}"
+        if path in LATER_CONFIG_KEYS and (k not in old or k not in new) and \
+                (old if k in old else new)[k] == LATER_CONFIG_KEYS[path]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict) and k != "method":
             keys += config_differences(a, b, path + ".")
         elif a != b:

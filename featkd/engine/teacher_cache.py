@@ -79,7 +79,10 @@ NOT_IN_BATCHES = ("eval_batch_size", "num_workers", "download", "eval_window", "
 
 #: data keys added after the key's format was fixed, with the value that leaves the batches as before: in the
 #: key only when set otherwise, so the streams cached before them keep their keys
-LATER_DATA_KEYS = {"augment_policy": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "cinic_valid": "unused"}
+#: the label-free keys (data.labels, data.probe) and their labelled defaults: in a key only when set otherwise
+LABEL_FREE_KEYS = {"labels": "read", "probe": None}
+LATER_DATA_KEYS = {"augment_policy": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "cinic_valid": "unused",
+                   **LABEL_FREE_KEYS}
 
 #: input fingerprints agree when within this (float64 sums of float32 inputs; a one-level change of a
 #: single 8-bit pixel moves a sum by ~1e-2, rounding by < 1e-9)
@@ -137,7 +140,7 @@ def stream_ingredients(run: Run, steps_per_epoch: int) -> dict[str, Any]:
     return {
         "format": VERSION, "featkd": featkd.__version__, "torch": torch.__version__,
         "code": code_digest({type(m) for m in run.teacher.modules()} | {type(run.task), type(run.teacher_capture)}),
-        "teacher": {"model": cfg.teacher.model, "options": cfg.teacher.options,
+        "teacher": {**cfg.teacher_description(),
                     "class": f"{type(run.teacher).__module__}.{type(run.teacher).__qualname__}",
                     "state_dict": runfolder.payload_digest(run.teacher.state_dict())},
         "points": list(run.teacher_capture.points), "task": run.task.name,

@@ -33,7 +33,7 @@ import torch
 
 from featkd.distributed import broadcast_object
 from featkd.engine import runfolder
-from featkd.engine.teacher_cache import code_digest
+from featkd.engine.teacher_cache import LABEL_FREE_KEYS, code_digest
 from featkd.files import atomic_write_json
 from featkd.models.zoo import build_dir
 
@@ -60,7 +60,8 @@ def eval_ingredients(run: Run) -> dict[str, Any]:
     from featkd.engine.build import Run as RunClass
 
     cfg, data = run.cfg, run.data
-    data_cfg = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in TRAINING_ONLY}
+    data_cfg = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in TRAINING_ONLY
+                and not (k in LABEL_FREE_KEYS and v == LABEL_FREE_KEYS[k])}
     if data_cfg.get("data_dir"):
         data_cfg["data_dir"] = str(Path(data_cfg["data_dir"]).expanduser().resolve())
     view = {k: getattr(data, k, None) for k in ("name", "num_classes", "input_shape", "test_size", "mean", "std",
@@ -68,7 +69,7 @@ def eval_ingredients(run: Run) -> dict[str, Any]:
     objects = {type(m) for m in run.teacher.modules()} | {type(run.task), type(data.backend), RunClass}
     return {
         "format": VERSION, "featkd": featkd.__version__, "torch": torch.__version__, "code": code_digest(objects),
-        "teacher": {"model": cfg.teacher.model, "options": cfg.teacher.options,
+        "teacher": {**cfg.teacher_description(),
                     "class": f"{type(run.teacher).__module__}.{type(run.teacher).__qualname__}",
                     "state_dict": runfolder.payload_digest(run.teacher.state_dict())},
         "task": run.task.name, "data": data_cfg, "view": json.loads(json.dumps(view, default=list)),
@@ -119,7 +120,7 @@ def teacher_test_metrics(run: Run, mode: str, out_dir: Path | None, evaluate: Ca
         metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, torch.Tensor))
                    and not isinstance(v, bool) and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
     if run.dist.is_main:
-        record = {"key": key, "metrics": metrics, "teacher": run.cfg.teacher.model, "ingredients": ingredients}
+        record = {"key": key, "metrics": metrics, "teacher": run.cfg.teacher_label, "ingredients": ingredients}
         targets = [shared] + ([out_dir / RUN_FILE] if out_dir is not None else [])
         for path in targets:
             if _read(path, key) == metrics:

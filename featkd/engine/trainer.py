@@ -307,7 +307,7 @@ class Trainer:
                 lookup_only=end <= self.start_epoch)  # nothing to train: a remembered number or none
             teacher_acc = teacher_metrics.get(metric) if teacher_metrics is not None else None
             if teacher_acc is not None:
-                self.log(f"teacher {cfg.teacher.model}: test_{metric} {teacher_acc:.2f}{' (cached)' if cached else ''}")
+                self.log(f"teacher {cfg.teacher_label}: test_{metric} {teacher_acc:.2f}{' (cached)' if cached else ''}")
         if tc.stop_after and end <= self.start_epoch < tc.epochs:
             self.log(f"train.stop_after={tc.stop_after}: {self.start_epoch} epochs are done already; nothing to train "
                      f"(leave it out to go on to train.epochs={tc.epochs})")
@@ -490,6 +490,7 @@ class Trainer:
             for split in ("val", "test") if self.data.val_size else ("test",):
                 result = self.evaluate(self.student_capture.model, split)
                 record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
+            record.update(self.distiller.eval_metrics(self.context()))  # the method's own numbers, if any
         record.update(self.distiller.metrics())
         record["epoch_time"] = seconds
         # every step takes one full global batch (drop_last); counted this way for every task (not metric counts)
@@ -604,7 +605,7 @@ class Trainer:
                            history=self.history, out_dir=self.out_dir)
         if self.out_dir is not None and self.dist.is_main:
             summary = {**result.to_dict(), "method": self.cfg.method_name, "student": self.cfg.student.model,
-                       "teacher": self.cfg.teacher.model if self.cfg.teacher else None,
+                       "teacher": self.cfg.teacher_label,
                        "dataset": self.cfg.data.dataset, "seed": self.cfg.train.seed,
                        "world_size": self.dist.world_size}
             if message:

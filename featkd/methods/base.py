@@ -14,7 +14,8 @@ task's view of the model output (``task.logits``), so a method sees (B, K) or (B
 Around it the trainer calls the life-cycle hooks: :meth:`Distiller.setup` once before training (after a
 resumed state is loaded), :meth:`on_epoch_start`, :meth:`on_step_end` after every optimiser step and
 :meth:`on_epoch_end`, each with a :class:`RunContext` (models, the eval-view loader of the training split,
-device, distributed helpers). The distiller is an ``nn.Module``: its parameters join the optimiser, its
+device, distributed helpers); at each evaluation the trainer adds :meth:`eval_metrics` to the epoch's record.
+The distiller is an ``nn.Module``: its parameters join the optimiser, its
 parameters, buffers and ``get_extra_state`` go into every checkpoint, and none of it is part of the exported
 student.
 """
@@ -157,6 +158,11 @@ class RunContext:
             device=self.device, limit=limit, seed=self.seed if seed is None else seed,
         )
 
+    def test_loader(self, batch_size: int | None = None) -> Loader:
+        """The test split (eval transform), this rank's shard."""
+        return self.data.test_loader(batch_size or self.eval_batch_size, rank=self.dist.rank,
+                                     world_size=self.dist.world_size, device=self.device)
+
     @torch.no_grad()
     def iter_features(self, loader: Loader) -> Iterator[tuple[Tensor, Tensor, Any, Any]]:
         """Run both captures in eval mode over ``loader``; yields ``(x, y, teacher_out, student_out)``.
@@ -242,6 +248,12 @@ class Distiller(nn.Module):
 
     def metrics(self) -> dict[str, float]:
         """Extra numbers to log with each epoch (e.g. the mean matching cost)."""
+        return {}
+
+    def eval_metrics(self, ctx: RunContext) -> dict[str, float]:
+        """Numbers the method measures at each evaluation (after the task's; e.g. multiteacher's agreement with
+        each teacher on held-out images: ``ctx.test_loader``). Every rank calls it (collectives allowed); the
+        trainer logs the result with the epoch's record. The default measures nothing."""
         return {}
 
     def warmup_note(self, epochs: int) -> str | None:

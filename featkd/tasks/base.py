@@ -21,6 +21,8 @@ rank 0, scores them there and broadcasts the numbers), then ``result()``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -149,6 +151,13 @@ class Task:
 
     def evaluator(self, device: torch.device) -> Evaluator:
         raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, *, batch_size: int, dist: DistInfo, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]) -> dict[str, Any] | None:
+        """A task that scores a model on other data than the run's own split (a label-free run: k-NN and a linear
+        probe on a labelled set, :mod:`featkd.tasks.label_free`) returns its metrics here, on every rank (a
+        collective); None (the default): the split's batches through :meth:`evaluator`."""
+        return None
 
 
 #: what a model whose logits have this many dimensions is, for the error above
