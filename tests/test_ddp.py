@@ -201,3 +201,37 @@ def test_two_process_batchnorm_run_ends_with_one_model_that_scores_like_a_single
     single = build_run(load_config(cfg), log=lambda _m: None, student_checkpoint=out / "run" / "student.pt")
     result = single.evaluate(single.student)
     assert result["samples"] == 450 and result["acc"] == summary["test_acc"]
+
+
+@pytest.mark.slow
+def test_two_process_label_free_multi_teacher_run_equals_single_process(tmp_path):
+    """issue 26: a label-free two-teacher run (the same trained digits ResNet-20 seen at 8 px and at 16 px) under
+    torchrun with 2 gloo processes: each teacher's standardisation statistics are all-reduced over both shards
+    and the adaptors are trained in the DDP-wrapped step, so the run equals the single-process one (fixed
+    teacher weights: ``balance: equal``'s running means are per rank by construction)."""
+    raw = {
+        "name": "mt",
+        "data": {"dataset": "digits", "batch_size": 64, "labels": "ignore"},
+        "teachers": {"small": {"model": "resnet20", "checkpoint": "zoo:digits-resnet20"},
+                     "big": {"model": "resnet20", "checkpoint": "zoo:digits-resnet20", "input_size": 16}},
+        "student": {"model": "plaincnn"},
+        "method": {"name": "multiteacher", "pairs": [["block2", "small:layer3"], ["block2", "big:layer3"]],
+                   "weights": {"small": 1.0, "big": 0.5}, "stats_images": 512, "agree_images": 0},
+        "optim": {"lr": 0.05, "schedule": "cosine"},
+        "train": {"epochs": 2, "deterministic": True, "num_threads": 1, "progress": "off", "tensorboard": False,
+                  "teacher_eval": "off"},
+    }
+    cfg = tmp_path / "mt.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run([sys.executable, "-m", "featkd", "train", str(cfg), "--out", str(tmp_path / "single")])
+    run([*TORCHRUN, "-m", "featkd", "train", str(cfg), "--out", str(tmp_path / "ddp")])
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+    a = torch.load(tmp_path / "single" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    for key in ("student", "distiller"):
+        sa, sb = a[key], b[key]
+        assert sa.keys() == sb.keys()
+        diff = max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point())
+        print(f"{key}: max |ddp - single| = {diff:.3e}")
+        assert diff < DDP_TOLERANCE, key
+    assert any("mean" in k for k in a["distiller"]), "the standardisation statistics are distiller buffers"

@@ -180,9 +180,11 @@ class Trainer:
             if method_cls.rank_local_buffers or method_cls.self_synced_buffers:
                 names = [f"distiller.{b}" for b in (*method_cls.rank_local_buffers, *method_cls.self_synced_buffers)]
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.module, names)
+            # a run without labels never uses the student's classifier head: DDP must not wait for its gradients
+            unused = tc.find_unused_parameters or not getattr(self.task, "labelled", True)
             self.module = DistributedDataParallel(
                 self.module, device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=tc.find_unused_parameters,
+                find_unused_parameters=unused,
             )
         params = [p for p in self.student.parameters() if p.requires_grad]
         extra = [p for p in self.distiller.parameters() if p.requires_grad]

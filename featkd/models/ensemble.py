@@ -7,7 +7,8 @@ modules; nothing is traced or copied). One forward::
 
     x (B, C, H, W), normalised with the data's mean / std
       -> raw = x * std_data + mean_data                        the [0, 1] pixels
-      -> per member: raw repeated to its channels (grey -> RGB), bilinear-resized to its input_size,
+      -> per member: raw repeated to its channels (grey -> RGB; RGB -> a grey member: the channel mean),
+         bilinear-resized to its input_size,
          normalised with its own mean / std -> member(view)    in the members' order
       -> the first member's output                             (KD-style logits still work when it is a classifier)
 
@@ -87,10 +88,13 @@ class TeacherEnsemble(nn.Module):
             return x
         raw = x.float() * self.data_std + self.data_mean
         if view.channels != raw.shape[1]:
-            if raw.shape[1] != 1:
+            if view.channels == 1:  # a grey teacher: the mean of the channels (exact for grey images read as RGB)
+                raw = raw.mean(1, keepdim=True)
+            elif raw.shape[1] == 1:
+                raw = raw.expand(-1, view.channels, -1, -1)
+            else:
                 raise FeatkdError(f"teachers.{name}: takes {view.channels} input channels, the data has "
-                                  f"{raw.shape[1]} (only a 1-channel batch is repeated)")
-            raw = raw.expand(-1, view.channels, -1, -1)
+                                  f"{raw.shape[1]} (a 1-channel batch is repeated, a grey teacher takes the mean)")
         if view.size is not None and tuple(raw.shape[-2:]) != view.size:
             shrink = view.size[0] < raw.shape[-2] or view.size[1] < raw.shape[-1]
             raw = F.interpolate(raw, size=view.size, mode="bilinear", align_corners=False, antialias=shrink)
