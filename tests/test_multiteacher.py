@@ -31,6 +31,7 @@ from featkd.methods.multiteacher import (
 from featkd.models import create_model
 from featkd.models.ensemble import MemberView, TeacherEnsemble
 
+ROOT = Path(__file__).resolve().parents[1]
 VIT = {"model": "timm:vit_tiny_patch16_224", "input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
        "options": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "in_channels": 3,
                    "num_classes": 5}}
@@ -262,3 +263,26 @@ def test_errors_are_one_line(tmp_path, fashion_mnist_dir, capsys):
     assert main(["train", str(write(tmp_path, cfg, "phis.yaml")), "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "phi-s" in err and "'vit'" in err
+
+
+@pytest.mark.slow
+def test_the_theia_style_config_builds_with_random_weights(tmp_path):
+    """The shipped DINOv2 + CLIP -> DeiT-small config (README, docs/methods/multiteacher.md) builds offline with
+    random weights: both teachers at their own views, the token pairs adapted (DINOv2's 16x16 grid of 14-px
+    patches, CLIP's 14x14 of 16 px, the student's 14x14), PHI-S matrices available for 768 channels."""
+    from PIL import Image
+
+    from featkd.config import load_config
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (64, 48), (200 if c == "a" else 20, 90, 90)).save(tmp_path / split / c / "0.png")
+    sets = [f"data.data_dir={tmp_path}", "data.batch_size=2", "data.num_workers=0",
+            "teachers.dino.options.pretrained=false", "teachers.clip.options.pretrained=false",
+            "student.options.pretrained=false", "train.device=cpu", "train.amp=none"]
+    cfg = load_config(ROOT / "configs" / "imagefolder-multiteacher-dinov2-clip-deit_small.yaml", sets)
+    run = build_run(cfg, log=lambda _m: None)
+    assert run.teacher.member_names == ("dino", "clip")
+    assert [p.t_shape for p in run.distiller.pairs] == [(768, 16, 16), (768, 14, 14)] or all(
+        p.t_kind == "tokens" for p in run.distiller.pairs)
