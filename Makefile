@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP) data
 	$(BIN)/ruff check featkd tests benchmarks
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile  # both cores, a file per worker
 
 lint: $(STAMP)
 	$(BIN)/ruff check featkd tests benchmarks

@@ -152,7 +152,7 @@ def student(row: str, seed: int, run: Path | None) -> torch.nn.Module:
     from featkd.models import create_model
 
     seed_student_init(seed)
-    model = create_model("resnet8", num_classes=20 if row == "supervised" else 1, in_channels=3)
+    model = create_model("resnet8", num_classes=20, in_channels=3)  # the union folder's 20 class folders
     if run is not None:
         load_model_weights(model, run / "student.pt", f"{row} seed {seed}")
     return model.eval()

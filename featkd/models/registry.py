@@ -54,7 +54,7 @@ Scheme = Literal["featkd", "torchvision", "timm", "user"]
 _PREFIXED: tuple[Scheme, ...] = ("torchvision", "timm")
 
 #: modules of this package that register no model (helpers, adapters, the zoo): :func:`load_models` skips them
-NOT_MODEL_FILES = frozenset({"init", "registry", "timm_models", "torchvision_models", "user", "zoo"})
+NOT_MODEL_FILES = frozenset({"ensemble", "init", "registry", "timm_models", "torchvision_models", "user", "zoo"})
 
 _loaded = False
 
