@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,13 +47,7 @@ EXPECTED_NAMES = {
 FIXED_SIZE_NAMES = {"vit_tiny_p4"}  # take only inputs of the image_size they are built for (test_vit_tiny_contract)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny inputs run faster on one thread, much faster when the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small models, one thread
 
 
 def n_params(model: nn.Module) -> int:

@@ -7,8 +7,6 @@ Random weights only (no download); small inputs (32x32, MobileNet-V1 at 64x64, d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -18,20 +16,13 @@ from featkd.capture.trace import preceding_batchnorm
 from featkd.cli import main
 from featkd.errors import FeatkdError
 from featkd.models import create_model
+from tests.test_models import n_params
 
 MBV1_PRE_RELU = ("layer1.2.bn_pw", "layer2.1.bn_pw", "layer3.5.bn_pw", "layer4.1.bn_pw")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small models, one thread
 
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # Counts of the reference definitions, computed by building each one (``sum(p.numel())``) at the repositories'

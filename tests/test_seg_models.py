@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import fx, nn
@@ -21,12 +19,7 @@ from tests.test_models import inplace_nodes
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small models, one thread
 
 
 # --- torchvision segmenters --------------------------------------------------------------------------------

@@ -59,6 +59,21 @@ NOT_MODEL_FILES = frozenset({"ensemble", "init", "registry", "timm_models", "tor
 _loaded = False
 
 
+def register_factory(name: str, factory: Callable[..., nn.Module], options: Sequence[inspect.Parameter],
+                     returns: type, doc: str) -> None:
+    """Register a generated ``factory(*, num_classes, in_channels=3, **options)`` under ``name`` with the
+    signature and annotations spelled out (``options``: keyword-only parameters after those two), so
+    :func:`model_options` checks a config's options against it like a hand-written factory's."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("num_classes", kw, annotation=int),
+              inspect.Parameter("in_channels", kw, default=3, annotation=int), *options]
+    factory.__signature__ = inspect.Signature(params, return_annotation=returns)  # type: ignore[attr-defined]
+    factory.__annotations__ = {p.name: p.annotation for p in params} | {"return": returns}
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    MODELS.register(name)(factory)
+
+
 def load_models() -> None:
     """Import every model file of this package once (see the module docstring); each registers its models."""
     global _loaded

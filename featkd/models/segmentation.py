@@ -52,7 +52,7 @@ import featkd.models.mobilenetv2
 import featkd.models.resnet_cifar  # noqa: F401  (registers the backbones' classifiers)
 from featkd.errors import FeatkdError
 from featkd.models.init import init_conv_bn
-from featkd.models.registry import MODELS
+from featkd.models.registry import MODELS, register_factory
 from featkd.modes import eval_mode
 
 DEFAULT_RATES = (2, 4, 6)
@@ -204,7 +204,7 @@ def _register(head_name: str, backbone_name: str) -> None:
     """Register ``<head>_<backbone>``; its options are the backbone classifier's plus the head's."""
     name = f"{head_name}_{backbone_name}"
     spec, head_cls, make_classifier = BACKBONES[backbone_name], HEADS[head_name], MODELS.get(backbone_name)
-    b_params, b_hints = keyword_options(make_classifier, ("num_classes", "in_channels"))
+    b_params, _ = keyword_options(make_classifier, ("num_classes", "in_channels"))
     h_params, h_hints = keyword_options(head_cls, ("self", "in_channels", "num_classes"))
     backbone_keys = {p.name for p in b_params}
     assert not backbone_keys & set(h_hints), f"{name}: backbone and head options overlap"
@@ -216,17 +216,9 @@ def _register(head_name: str, backbone_name: str) -> None:
         head = head_cls(spec.out_channels(classifier), num_classes, **h_opts)
         return Segmenter(trunk(classifier, spec.trunk), head)
 
-    kw = inspect.Parameter.KEYWORD_ONLY
-    factory.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("num_classes", kw, annotation=int),
-         inspect.Parameter("in_channels", kw, default=3, annotation=int), *b_params, *h_params],
-        return_annotation=Segmenter,
-    )
-    factory.__annotations__ = {"num_classes": int, "in_channels": int, **b_hints, **h_hints, "return": Segmenter}
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = (f"{head_name.upper() if head_name == 'fcn' else 'DeepLabV3'} head on the {backbone_name} "
-                       f"trunk (output stride {spec.output_stride}).")
-    MODELS.register(name)(factory)
+    doc = (f"{head_name.upper() if head_name == 'fcn' else 'DeepLabV3'} head on the {backbone_name} trunk (output "
+           f"stride {spec.output_stride}).")
+    register_factory(name, factory, [*b_params, *h_params], Segmenter, doc)
 
 
 for _backbone in BACKBONES:

@@ -52,7 +52,7 @@ from typing import Any
 from torch import nn
 
 from featkd.errors import FeatkdError
-from featkd.models.registry import MODELS
+from featkd.models.registry import register_factory
 from featkd.models.torchvision_models import backbone_weights, downloading, replace_first_conv
 
 #: the ResNet depths of the registered names
@@ -156,18 +156,13 @@ def _register(kind_name: str, depth: int) -> None:
             given.setdefault("image_std", [0.25] * in_channels)
         return cls(backbone, num_classes=num_classes, **given)
 
-    hints: dict[str, Any] = {"num_classes": int, "in_channels": int, "weights_backbone": str | None,
-                             "trainable_layers": int | None, **{k: t | None for k, t in kind.options.items()}}
+    hints: dict[str, Any] = {"weights_backbone": str | None, "trainable_layers": int | None,
+                             **{k: t | None for k, t in kind.options.items()}}
     kw = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter("num_classes", kw, annotation=int),
-              inspect.Parameter("in_channels", kw, default=3, annotation=int),
-              *(inspect.Parameter(k, kw, default=None, annotation=hints[k]) for k in list(hints)[2:])]
-    factory.__signature__ = inspect.Signature(params, return_annotation=nn.Module)  # type: ignore[attr-defined]
-    factory.__annotations__ = {**hints, "return": nn.Module}
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = (f"torchvision's {kind.title} on a ResNet-{depth} FPN trunk, as torchvision's "
-                       f"{kind_name}_resnet50_fpn builds it (see featkd.models.tv_detection).")
-    MODELS.register(name)(factory)
+    doc = (f"torchvision's {kind.title} on a ResNet-{depth} FPN trunk, as torchvision's {kind_name}_resnet50_fpn "
+           "builds it (see featkd.models.tv_detection).")
+    register_factory(name, factory, [inspect.Parameter(k, kw, default=None, annotation=t) for k, t in hints.items()],
+                     nn.Module, doc)
 
 
 for _kind in TRUNK_DETECTORS:
