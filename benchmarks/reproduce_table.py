@@ -134,23 +134,10 @@ def write_estimates() -> None:
     for path in sorted(protocols_dir().glob("paper-*.yaml")):
         protocol = load_protocol(path.stem)
         est = estimate(protocol, list(protocol.methods), protocol.seeds)
-        if protocol.teacher_recipe:
-            est["teacher_gpu_hours"] = teacher_estimate(protocol)
         out[protocol.name] = {k: est[k] for k in ("gpu_hours", "runs", "gpu_tflops", "rate_source")} | {
             "teacher_gpu_hours": est.get("teacher_gpu_hours"), "rows": est["rows"]}
         print(f"{protocol.name}: {est['gpu_hours']:.1f} GPU h", file=sys.stderr)
     ESTIMATES.write_text(json.dumps(out, indent=2) + "\n")
-
-
-def teacher_estimate(protocol: Protocol) -> float:
-    """GPU hours of the protocol's teacher recipe: one run, the teacher trained alone."""
-    from featkd.bench.paper import DEFAULT_GPU_TFLOPS, build_for_count, forward_flops, training_input
-    from featkd.config import load_config
-
-    cfg = load_config(protocol.teacher_recipe)
-    shape = training_input(cfg)
-    flops = 3 * forward_flops(build_for_count(cfg, "student", 1000), shape)
-    return flops * cfg.train.epochs * (protocol.train_images or 0) / (DEFAULT_GPU_TFLOPS * 1e12) / 3600
 
 
 def main(argv: list[str] | None = None) -> int:

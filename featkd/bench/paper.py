@@ -211,8 +211,21 @@ def estimate(protocol: Protocol, labels: Sequence[str], seeds: int, gpu_tflops: 
                            "input": list(shape), "student_gflops": flops["student"] / 1e9,
                            "teacher_gflops": flops["teacher"] / 1e9, "train_pflops": total / 1e15,
                            "gpu_hours": total / (rate * 1e12) / 3600}
-    return {"protocol": protocol.name, "gpu_tflops": rate, "rate_source": rate_source, "rows": rows,
-            "gpu_hours": sum(r["gpu_hours"] for r in rows.values()), "runs": seeds * len(labels)}
+    out = {"protocol": protocol.name, "gpu_tflops": rate, "rate_source": rate_source, "rows": rows,
+           "gpu_hours": sum(r["gpu_hours"] for r in rows.values()), "runs": seeds * len(labels)}
+    if protocol.teacher_recipe:
+        out["teacher_gpu_hours"] = teacher_recipe_hours(protocol, rate, num_classes)
+    return out
+
+
+def teacher_recipe_hours(protocol: Protocol, rate: float, num_classes: int = 1000) -> float:
+    """GPU hours of the protocol's ``teacher_recipe`` (the teacher trained alone, one run, at ``rate``)."""
+    from featkd.config import load_config
+
+    cfg = load_config(protocol.teacher_recipe)
+    shape = training_input(cfg)
+    flops = 3 * forward_flops(build_for_count(cfg, "student", num_classes), shape)
+    return flops * cfg.train.epochs * (protocol.train_images or 0) / (rate * 1e12) / 3600
 
 
 def estimate_text(est: dict[str, Any]) -> str:
@@ -222,7 +235,10 @@ def estimate_text(est: dict[str, Any]) -> str:
         lines.append(f"{label:<12} {r['runs']:>4} {r['epochs']:>6} {r['images_per_epoch']:>12,} "
                      f"{'x'.join(map(str, r['input'])):>13} {r['student_gflops']:>7.2f}GF "
                      f"{r['teacher_gflops']:>7.2f}GF {r['gpu_hours']:>8.2f}")
-    lines.append(f"estimate: {est['runs']} runs, {est['gpu_hours']:.0f} GPU hours at {est['gpu_tflops']:.0f} "
+    if est.get("teacher_gpu_hours") is not None:
+        lines.append(f"{'teacher':<12} {1:>4} (its teacher_recipe, trained first: no published checkpoint) "
+                     f"{est['teacher_gpu_hours']:.2f} GPU h")
+    lines.append(f"estimate: {est['runs']} runs, {est['gpu_hours']:.1f} GPU hours at {est['gpu_tflops']:.0f} "
                  f"effective TFLOP/s ({est['rate_source']}); training FLOPs = epochs x images x (3 x student + "
                  "teacher forward) per image; method overhead and evaluation not counted (a lower bound)")
     return "\n".join(lines)
