@@ -378,6 +378,7 @@ def _key(**data) -> str:
     teacher = nn.Conv2d(3, 19, 1)  # the same weights every time
     run = SimpleNamespace(
         cfg=SimpleNamespace(data=cfg, teacher=SimpleNamespace(model="fcn_resnet8", options={}),
+                            teacher_description=lambda: {"model": "fcn_resnet8", "options": {}},
                             train=SimpleNamespace(seed=0, channels_last=False, compile=False, deterministic=False)),
         teacher=teacher, teacher_capture=SimpleNamespace(points=["out"]), task=SegmentationTask(19),
         dist=SimpleNamespace(world_size=1), amp=False, device=torch.device("cpu"),
