@@ -218,10 +218,11 @@ def test_cli_run_two_teachers_label_free_with_cache_and_export(tmp_path, fashion
 def test_python_api_measures_and_applies_the_statistics(fashion_mnist_dir):
     from featkd.api import Distillation
     from featkd.engine.build import build_teacher
+    from featkd.tasks import task_for
 
     cfg = build_config(config(fashion_mnist_dir, loss="cos-smoothl1", weights={"cnn": 2.0}))
     data = build_data(cfg.data)
-    run_task = __import__("featkd.tasks", fromlist=["task_for"]).task_for(data)
+    run_task = task_for(data)
     teacher = build_teacher(cfg, data, torch.device("cpu"), torch.zeros(2, 1, 28, 28), run_task, lambda _m: None)
     student = create_model("resnet8", num_classes=10, in_channels=1)
     stats = data.train_eval_loader(64, limit=128)
