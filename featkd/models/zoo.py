@@ -207,9 +207,8 @@ def fetch(entry: dict[str, Any]) -> dict[str, Any]:
     from featkd.files import atomic_file, atomic_write_json
 
     name, url = entry["name"], entry["url"]
-    raw = build_dir() / "downloads" / url.rstrip("/").split("/")[-1]
-    if raw.name in ("ckpt_epoch_240.pth", ""):  # RepDistiller's files all share one name
-        raw = raw.with_name(f"{name}-{raw.name}")
+    # the entry's name first: RepDistiller's files all share one name (ckpt_epoch_240.pth)
+    raw = build_dir() / "downloads" / f"{name}-{url.rstrip('/').split('/')[-1]}"
     if not raw.is_file():
         raw.parent.mkdir(parents=True, exist_ok=True)
         try:
