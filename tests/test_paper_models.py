@@ -189,3 +189,19 @@ def test_mgd_resnet50_to_mobilenetv1_trains_on_the_pre_relu_points(tmp_path) -> 
     assert result.status == "finished"
     losses = [row["train_mgd"] for row in result.history if "train_mgd" in row]
     assert losses and all(torch.isfinite(torch.tensor(v)) and v > 0 for v in losses)
+
+
+def test_a_capture_before_an_inplace_op_behind_an_identity_is_not_overwritten():
+    """timm's BatchNormAct2d runs batch_norm -> drop (nn.Identity) -> act (ReLU6, in place): the pre-activation
+    point `...bn2.batch_norm` keeps its negative values (the capture is cloned: the in-place op is found through
+    the Identity that passes the same tensor on), and ReLU6 of it is the module's own output."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = create_model("timm:mobilenetv1_100", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    points = ["blocks.1.1.bn2.batch_norm", "blocks.1.1.bn2"]
+    with torch.no_grad():
+        _, feats = CapturingModel(model, points, x)(x)
+    pre, post = feats[points[0]], feats[points[1]]
+    assert pre.min() < 0
+    torch.testing.assert_close(torch.nn.functional.relu6(pre), post)

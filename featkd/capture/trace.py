@@ -33,6 +33,14 @@ from featkd.modes import eval_mode
 _INPLACE_FUNCTIONS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior,
 }
+#: ops whose output may be the input tensor itself or a view of it: an in-place op after one of them modifies
+#: the captured tensor too (timm's BatchNormAct2d: batch_norm -> drop (Identity) -> act (ReLU6, in place))
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
+_ALIAS_METHODS = {"view", "view_as", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute",
+                  "transpose", "t", "expand", "expand_as", "contiguous", "narrow", "select", "unbind", "split",
+                  "chunk", "detach"}
+_ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                    torch.narrow, torch.select, torch.unbind, torch.split, torch.chunk, operator.getitem}
 
 
 class _ScopedTracer(torch.fx.Tracer):
@@ -215,7 +223,8 @@ def try_trace_modes(model: nn.Module) -> ModeTraces | None:
 
 def has_inplace_user(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether an op after ``node`` modifies its tensor in place (``nn.ReLU(inplace=True)``, ``+=``, ``x.add_``),
-    so a capture or an injected tensor must be cloned first. ``modules``: the graph module's named modules."""
+    directly or through ops that pass the same storage on (an ``nn.Identity``, a view), so a capture or an
+    injected tensor must be cloned first. ``modules``: the graph module's named modules."""
     for user in node.users:
         if user.op == "call_module" and getattr(modules.get(str(user.target)), "inplace", False):
             return True
@@ -223,7 +232,18 @@ def has_inplace_user(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool
             return True
         if user.op == "call_method" and re.fullmatch(r"[a-z0-9_]*[a-z0-9]_", str(user.target)):
             return True
+        if is_alias(user, modules) and has_inplace_user(user, modules):
+            return True
     return False
+
+
+def is_alias(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output may share its input's storage (see :data:`_ALIAS_MODULES`)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _ALIAS_MODULES)
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS
+    return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
 
 
 def resolve_node(traced: TracedModel, point: str) -> torch.fx.Node:

@@ -36,9 +36,8 @@ Alternative: ``timm:mobilenetv1_100`` builds through featkd's timm adapter (rand
 true`` downloads timm's). It has the same parameter count but ReLU6 instead of ReLU, and each BN and its
 activation are one ``BatchNormAct2d`` module with an in-place ReLU6, so the pre-activation stage ends are the fx
 nodes ``blocks.1.1.bn2.drop``, ``blocks.2.1.bn2.drop``, ``blocks.3.5.bn2.drop``, ``blocks.4.1.bn2.drop`` (the
-Identity after the batch norm, whose in-place user the capture clones for). Do not capture
-``blocks.S.B.bn2.batch_norm``: the in-place ReLU6 behind the Identity overwrites it, and the capture layer only
-clones a tensor whose own direct user is in place.
+Identity after the batch norm) or, the same values, ``blocks.S.B.bn2.batch_norm`` (the capture layer clones a
+tensor that an in-place op reaches through an Identity or a view: tests/test_paper_models.py).
 """
 
 from __future__ import annotations
