@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -134,16 +135,10 @@ def train(row: str, seed: int, folders: dict[str, Path], work: Path, epochs: int
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(row_config(row, folders["union"], epochs), sort_keys=False))
     cmd = [sys.executable, "-m", "featkd", "train", str(config), "--seed", str(seed), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"{row} seed {seed} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return out
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def student(row: str, seed: int, run: Path | None) -> torch.nn.Module:

@@ -63,12 +63,13 @@ def without_downloads(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(spec, dict):
             continue
         spec = {k: v for k, v in spec.items() if k != "checkpoint"}
-        options = dict(spec.get("options") or {})
-        for key in PRETRAINED_OPTIONS:
-            if key in options:
-                options[key] = False if key == "pretrained" else None
-        out[role] = {**spec, "options": options}
+        out[role] = {**spec, "options": random_weight_options(spec.get("options") or {})}
     return out
+
+
+def random_weight_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every pretrained-weights option (:data:`PRETRAINED_OPTIONS`) off."""
+    return {k: (False if k == "pretrained" else None) if k in PRETRAINED_OPTIONS else v for k, v in options.items()}
 
 
 def shrunk_to_one_epoch(raw: dict[str, Any]) -> dict[str, Any]:
@@ -161,11 +162,7 @@ def build_for_count(cfg: Any, role: str, num_classes: int) -> nn.Module | None:
     spec = cfg.teacher if role == "teacher" else cfg.student
     if spec is None:
         return None
-    options = dict(spec.options or {})
-    for key in PRETRAINED_OPTIONS:
-        if key in options:
-            options[key] = False if key == "pretrained" else None
-    return create_model(spec.model, num_classes=num_classes, in_channels=3, **options)
+    return create_model(spec.model, num_classes=num_classes, in_channels=3, **random_weight_options(spec.options or {}))
 
 
 def measured_tflops(results_dir: Path) -> tuple[float, str] | None:
