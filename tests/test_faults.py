@@ -113,17 +113,21 @@ def test_truncated_last_pt_resumes_from_the_previous_one_with_one_warning(tmp_pa
     train(cfg(stop_after=2), out, log=quiet)
     prev = torch.load(out / "last.prev.pt", weights_only=True)
     last = torch.load(out / "last.pt", weights_only=True)
-    assert (prev["epoch"], last["epoch"]) == (1, 2) and "checksum" in prev and "checksum" in last
+    # last.prev.pt: epoch 2's training, saved before its evaluation (a fallback that loses no training)
+    assert (prev["epoch"], prev["pending_eval"], last["epoch"]) == (2, True, 2) and "pending_eval" not in last
+    assert "checksum" in prev and "checksum" in last
     data = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(data[: len(data) // 2])  # a save cut short (or a bad copy)
     capsys.readouterr()
     result = train(cfg(), out, resume=True, log=quiet)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("featkd: warning: "), err
-    assert "last.pt" in err[0] and "resuming from the previous checkpoint" in err[0] and "(epoch 1)" in err[0]
-    assert_same_run(reference, result, out)
-    # the corrupt last.pt was not rotated into last.prev.pt: the previous one is epoch 2 (written after resume)
-    assert torch.load(out / "last.prev.pt", weights_only=True)["epoch"] == 2
+    assert "last.pt" in err[0] and "resuming from the previous checkpoint" in err[0], err
+    assert "(epoch 2, not evaluated)" in err[0], err
+    assert_same_run(reference, result, out)  # epoch 2 evaluated on resume, not trained again
+    # the corrupt last.pt was not rotated into last.prev.pt: it is the final epoch's, saved before its evaluation
+    prev = runfolder.load_checkpoint(out / "last.prev.pt")
+    assert (prev["epoch"], prev["pending_eval"]) == (3, True)
 
 
 def _limit_file_size(limit: int):
@@ -137,7 +141,8 @@ def _limit_file_size(limit: int):
 def test_a_save_that_runs_out_of_space_is_one_line_and_keeps_checkpoint_and_metrics(tmp_path):
     out = tmp_path / "run"
     train(cfg(stop_after=1), out, log=quiet)
-    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "metrics.csv")}
+    kept = ("last.pt", "last.prev.pt", "metrics.jsonl", "metrics.csv")  # last.prev.pt: epoch 1 before evaluation
+    before = {name: (out / name).read_bytes() for name in kept}
     limit = len(before["last.pt"]) // 2  # the next checkpoint cannot be written, small files still can
     proc = featkd("train", "--resume", "--out", str(out), "--set", "train.stop_after=2",
                   preexec_fn=_limit_file_size(limit))
@@ -147,7 +152,7 @@ def test_a_save_that_runs_out_of_space_is_one_line_and_keeps_checkpoint_and_metr
     assert "last.pt (epoch 1) and the metrics are kept" in lines[0]
     for name, data in before.items():
         assert (out / name).read_bytes() == data, f"{name} changed"
-    assert not list(out.glob(".*.tmp")) and not (out / "last.prev.pt").exists()
+    assert not list(out.glob(".*.tmp"))
 
 
 # ---- 4. stop signals and mid-epoch checkpoints ------------------------------------------------------------

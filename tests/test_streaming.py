@@ -189,19 +189,30 @@ def test_a_bad_training_file_met_in_a_worker_is_one_line(tmp_path, bad_root):
     assert (out / "config.yaml").is_file() and not (out / "last.pt").exists()
 
 
-def test_a_bad_validation_file_is_one_line_and_the_epochs_written_are_kept(tmp_path, bad_root):
+def test_a_bad_validation_file_is_one_line_and_the_epochs_trained_are_kept(tmp_path, bad_root):
     from featkd.engine.runfolder import load_checkpoint
 
     root, bad_train, bad_val = bad_root
     for p in bad_train:
         p.unlink()
     out = tmp_path / "run"
+    config = str(train_config(tmp_path, root))
     # epoch 1 is not evaluated (eval_every 2); epoch 2's evaluation reads the bad file
-    proc = featkd_train(str(train_config(tmp_path, root)), "--out", str(out), "--set", "train.epochs=2",
-                        "--set", "train.eval_every=2")
-    assert_one_error_line(proc, bad_val)
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    proc = featkd_train(config, "--out", str(out), "--set", "train.epochs=2", "--set", "train.eval_every=2")
+    line = assert_one_error_line(proc, bad_val)
+    assert line.endswith("(epoch 2, not evaluated) keeps the epoch's training, continue with --resume"), line
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 2 and state["pending_eval"] and len(state["history"]) == 2
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+    bad_val[0].unlink()  # the file fixed: --resume evaluates epoch 2 without training it again
+    proc = featkd_train(config, "--out", str(out), "--set", "train.epochs=2", "--set", "train.eval_every=2",
+                        "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and "test_acc" in records[1] and "test_acc" not in records[0]
+    assert records[1]["step"] == state["step"]  # no step trained twice
+    assert not load_checkpoint(out / "last.pt").get("pending_eval")
 
 
 def test_bad_files_skipped_are_listed_once_in_the_run_folder(tmp_path, bad_root):

@@ -174,9 +174,10 @@ def holds_checkpoint(folder: Path) -> bool:
 
 
 def describe(state: dict[str, Any]) -> str:
-    """Where a checkpoint stands: ``epoch 3`` or ``epoch 3, step 7 of epoch 4``."""
+    """Where a checkpoint stands: ``epoch 3``, ``epoch 3, not evaluated`` or ``epoch 3, step 7 of epoch 4``."""
     epochs, batch = int(state["epoch"]), int(state.get("batch", 0))
-    return f"epoch {epochs}" + (f", step {batch} of epoch {epochs + 1}" if batch else "")
+    where = f", step {batch} of epoch {epochs + 1}" if batch else ", not evaluated" if state.get("pending_eval") else ""
+    return f"epoch {epochs}{where}"
 
 
 def load_resumable(folder: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:

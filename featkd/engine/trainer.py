@@ -9,7 +9,7 @@ configured :class:`~featkd.methods.base.Distiller`, captures), adds loader, opti
                     (/ N, scaled under fp16; every train.accumulate = N micro-batches, DDP's all-reduce on the last:)
                     -> unscale -> clip -> optimizer & per-step LR step
                     -> distiller.on_step_end
-        distiller.on_epoch_end -> evaluate -> checkpoint (last/best, atomic) -> metrics
+        distiller.on_epoch_end -> [last.pt, pending_eval] -> evaluate -> checkpoint (last/best, atomic) -> metrics
 
 With ``train.amp: fp16`` the backward runs on the loss scaled by a ``torch.amp.GradScaler`` (unscaled before
 clipping; a step whose gradients overflowed is skipped and the scale lowered); the scaler's state is in every
@@ -139,6 +139,7 @@ class Trainer:
         self._resumed_from: Path | None = None
         self._rotate = True  # keep the previous last.pt as last.prev.pt (not when last.pt was found corrupt)
         self._partial: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
+        self._pending_eval = False  # resumed from a checkpoint written before its epoch's evaluation
         self._saved_at: str | None = None  # where the folder's last.pt stands (for error messages)
         self._stop_signal = 0  # set by a stop signal's handler (this rank)
         self._stop_agreed = False  # some rank got one: all-reduced with the finite check of every step
@@ -243,6 +244,8 @@ class Trainer:
         self.start_epoch, self.global_step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         self.best = state["best"]
+        # written before the last epoch's evaluation, which did not finish: fit() evaluates that epoch first
+        self._pending_eval = bool(state.get("pending_eval"))
         rng = state["rng"]
         if self.dist.rank < len(rng):
             ckpt.set_rng_state(rng[self.dist.rank])
@@ -324,6 +327,10 @@ class Trainer:
         self._step_lines = StepLines(every, self.log, epochs=tc.epochs, end=end, steps=self.batches_per_epoch,
                                      batch_size=cfg.data.batch_size)
         try:
+            if self._pending_eval:
+                self._pending_eval = False
+                self.log(f"evaluating epoch {self.start_epoch}, trained before the run stopped")
+                self._finish_epoch(self.start_epoch - 1, self.history.pop())
             for epoch in range(self.start_epoch, end):
                 self._train_epoch(epoch, ctx)
                 if self._stop_agreed and epoch + 1 < end:  # asked during the epoch's last step or after it
@@ -384,7 +391,23 @@ class Trainer:
                 self._step_boundary(epoch, done, sums, correct, seen, t0)  # stop signal, checkpoint_every_steps
         self.teacher_cache.end_epoch(epoch)
         self.distiller.on_epoch_end(epoch, ctx)
-        record = self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0)
+        self._finish_epoch(epoch, self._epoch_record(epoch, sums, correct, seen, time.perf_counter() - t0))
+
+    def _finish_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Evaluate ``epoch``'s student when due, then checkpoint and log the epoch.
+
+        Before an evaluation, ``last.pt`` takes the epoch's training (marked ``pending_eval``): a bad file that
+        the evaluation meets stops the run without losing the epoch, and ``--resume`` evaluates it first."""
+        tc = self.cfg.train
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 in (tc.epochs, tc.stop_after):
+            self._checkpoint_before_eval(epoch, record)
+            try:
+                self._evaluate_into(record)
+            except FeatkdError as exc:  # a bad evaluation file: say what is kept, in the same one line
+                if self._saved_at is None:
+                    raise
+                raise type(exc)(f"{exc}; {self.out_dir / runfolder.LAST} ({self._saved_at}) keeps the epoch's "
+                                "training, continue with --resume") from None
         self._write_skipped()  # after the epoch's evaluation: the files its loaders skipped too
         self.history.append(record)
         self._checkpoint(epoch, record)
@@ -486,18 +509,19 @@ class Trainer:
         record.update(terms)
         if self.task.train_metric is not None:
             record[f"train_{self.task.train_metric}"] = 100.0 * stats[-2].item() / max(1.0, stats[-1].item())
-        tc = self.cfg.train
-        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 in (tc.epochs, tc.stop_after):
-            self._sync_student_buffers()
-            for split in ("val", "test") if self.data.val_size else ("test",):
-                result = self.evaluate(self.student_capture.model, split)
-                record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
-            record.update(self.distiller.eval_metrics(self.context()))  # the method's own numbers, if any
         record.update(self.distiller.metrics())
         record["epoch_time"] = seconds
         # every step takes one full global batch (drop_last); counted this way for every task (not metric counts)
         record["train_images_per_s"] = self.batches_per_epoch * self.cfg.data.batch_size / max(seconds, 1e-9)
         return record
+
+    def _evaluate_into(self, record: dict[str, Any]) -> None:
+        """Add the student's evaluation metrics (val and test, or test) and the method's own to ``record``."""
+        self._sync_student_buffers()
+        for split in ("val", "test") if self.data.val_size else ("test",):
+            result = self.evaluate(self.student_capture.model, split)
+            record.update({f"{split}_{k}": v for k, v in result.items() if k in self.task.logged_metrics})
+        record.update(self.distiller.eval_metrics(self.context()))  # the method's own numbers, if any
 
     def _sync_student_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm statistics before evaluating: DDP broadcasts buffers at the
@@ -522,6 +546,16 @@ class Trainer:
             self._save(runfolder.save_checkpoint, state, self.out_dir / "best.pt")
         if self.writer is not None:
             self.writer.write(self.history)
+
+    def _checkpoint_before_eval(self, epoch: int, record: dict[str, Any]) -> None:
+        """``last.pt`` after ``epoch``'s training, its record not yet evaluated (collective: every rank takes
+        part); ``best.pt`` and the metrics files wait for the evaluation."""
+        rng = gather_objects(ckpt.rng_state(), self.dist)
+        if self.out_dir is None or not self.dist.is_main:
+            return
+        state = self._state(epoch + 1, rng)
+        state.update(history=[*self.history, record], pending_eval=True)
+        self._save_last(state)
 
     def _state(self, epochs_done: int, rng: list) -> dict[str, Any]:
         return {
