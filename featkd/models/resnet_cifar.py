@@ -31,13 +31,14 @@ Four-stage CIFAR ResNets of KDA's official code (``idstcv/KDA`` ``resnet_cifar.p
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from featkd.models.init import init_weights
-from featkd.models.registry import MODELS
+from featkd.models.registry import register_factory
 
 
 class BasicBlock(nn.Module):
@@ -120,132 +121,35 @@ def depth_blocks(depth: int) -> tuple[int, int, int]:
 
 SMALL = (16, 32, 64)  # stem 16
 WIDE = (64, 128, 256)  # stem 32
-
-
-def _resnet(
-    depth: int,
-    stem: int,
-    stages: tuple[int, ...],
-    num_classes: int,
-    in_channels: int,
-    widths: Sequence[int] | None,
-    stem_width: int | None,
-) -> CifarResNet:
-    """Default stem width: the model's own without ``widths``, ``widths[0]`` with them."""
-    if widths is None:
-        widths = stages
-        stem_width = stem if stem_width is None else stem_width
-    return CifarResNet(
-        depth_blocks(depth),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        widths=widths,
-        stem_width=stem_width,
-    )
-
-
-@MODELS.register("resnet8")
-def resnet8(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-8 (stem 16, stages 16-32-64)."""
-    return _resnet(8, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet14")
-def resnet14(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-14 (stem 16, stages 16-32-64)."""
-    return _resnet(14, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet20")
-def resnet20(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-20 (stem 16, stages 16-32-64)."""
-    return _resnet(20, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet32")
-def resnet32(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-32 (stem 16, stages 16-32-64)."""
-    return _resnet(32, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet44")
-def resnet44(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-44 (stem 16, stages 16-32-64)."""
-    return _resnet(44, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet56")
-def resnet56(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-56 (stem 16, stages 16-32-64)."""
-    return _resnet(56, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet110")
-def resnet110(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-110 (stem 16, stages 16-32-64)."""
-    return _resnet(110, 16, SMALL, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet8x4")
-def resnet8x4(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-8x4 (stem 32, stages 64-128-256)."""
-    return _resnet(8, 32, WIDE, num_classes, in_channels, widths, stem_width)
-
-
-@MODELS.register("resnet32x4")
-def resnet32x4(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """ResNet-32x4 (stem 32, stages 64-128-256)."""
-    return _resnet(32, 32, WIDE, num_classes, in_channels, widths, stem_width)
-
-
 KDA_WIDTHS = (64, 128, 256, 512)  # stem 64
 
-
-def _kda_resnet(
-    blocks: tuple[int, int, int, int],
-    num_classes: int,
-    in_channels: int,
-    widths: Sequence[int] | None,
-    stem_width: int | None,
-) -> CifarResNet:
-    return CifarResNet(
-        blocks,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        widths=KDA_WIDTHS if widths is None else widths,
-        stem_width=stem_width,
-    )
+#: the registered names: (blocks per stage, the stem's width, the stages' widths, what the docstring says)
+CIFAR_RESNETS: dict[str, tuple[tuple[int, ...], int, tuple[int, ...], str]] = {
+    **{f"resnet{d}": (depth_blocks(d), 16, SMALL, f"ResNet-{d} (stem 16, stages 16-32-64).")
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    **{f"resnet{d}x4": (depth_blocks(d), 32, WIDE, f"ResNet-{d}x4 (stem 32, stages 64-128-256).") for d in (8, 32)},
+    "resnet18_cifar": ((2, 2, 2, 2), 64, KDA_WIDTHS,
+                       "CIFAR ResNet-18 of KDA's code (stem 64, stages 64-128-256-512, blocks 2-2-2-2)."),
+    "resnet34_cifar": ((3, 4, 6, 3), 64, KDA_WIDTHS,
+                       "CIFAR ResNet-34 of KDA's code (stem 64, stages 64-128-256-512, blocks 3-4-6-3)."),
+}
 
 
-@MODELS.register("resnet18_cifar")
-def resnet18_cifar(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """CIFAR ResNet-18 of KDA's code (stem 64, stages 64-128-256-512, blocks 2-2-2-2)."""
-    return _kda_resnet((2, 2, 2, 2), num_classes, in_channels, widths, stem_width)
+def _register(name: str, blocks: tuple[int, ...], stem: int, stages: tuple[int, ...], doc: str) -> None:
+    """Register ``name``; the stem's default width: the model's own without ``widths``, ``widths[0]`` with them."""
+
+    def factory(*, num_classes: int, in_channels: int = 3, widths: list[int] | None = None,
+                stem_width: int | None = None) -> CifarResNet:
+        if widths is None:
+            widths, stem_width = list(stages), stem if stem_width is None else stem_width
+        return CifarResNet(blocks, num_classes=num_classes, in_channels=in_channels, widths=widths,
+                           stem_width=stem_width)
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    options = [inspect.Parameter("widths", kw, default=None, annotation=list[int] | None),
+               inspect.Parameter("stem_width", kw, default=None, annotation=int | None)]
+    register_factory(name, factory, options, CifarResNet, doc)
 
 
-@MODELS.register("resnet34_cifar")
-def resnet34_cifar(
-    *, num_classes: int, in_channels: int = 3, widths: list[int] | None = None, stem_width: int | None = None
-) -> CifarResNet:
-    """CIFAR ResNet-34 of KDA's code (stem 64, stages 64-128-256-512, blocks 3-4-6-3)."""
-    return _kda_resnet((3, 4, 6, 3), num_classes, in_channels, widths, stem_width)
+for _name, _spec in CIFAR_RESNETS.items():
+    _register(_name, *_spec)
