@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from featkd.config import build_config
 from featkd.data import DataConfig, build_data
-from featkd.data.augment import MixSpec, apply_policy, mix_batch, policy_transform
+from featkd.data.augment import MixSpec, apply_policy, mix_batch, policy_transform, seeded_cpu_rng
 from featkd.data.loaders import InMemoryTrainLoader
 from featkd.engine.teacher_cache import stream_ingredients
 from featkd.engine.trainer import Trainer
@@ -36,6 +36,21 @@ def epoch_samples(loader, epoch: int) -> dict[int, tuple[torch.Tensor, torch.Ten
 
 # ---------------------------------------------------------------------------------------------------------
 # data.augment_policy
+
+
+def test_seeded_cpu_rng_draws_what_torch_manual_seed_draws_and_restores_the_global_generator():
+    torch.manual_seed(7)
+    expected_after = torch.rand(3)
+    torch.manual_seed(7)
+    with seeded_cpu_rng(123) as generator:
+        first = torch.randint(0, 1000, (4,))
+        generator.manual_seed(5)
+        second = torch.rand(2)
+    assert torch.equal(torch.rand(3), expected_after)  # the run's own stream is untouched
+    torch.manual_seed(123)
+    assert torch.equal(first, torch.randint(0, 1000, (4,)))
+    torch.manual_seed(5)
+    assert torch.equal(second, torch.rand(2))
 
 
 def test_a_policy_depends_on_seed_epoch_and_sample_only_and_leaves_the_runs_rng_alone():

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from featkd.data.augment import mix_seed
+from featkd.data.augment import mix_seed, seeded_cpu_rng
 from featkd.data.loaders import Device, canonical_device, eval_shard_indices, per_rank_batch, train_shard_indices
 from featkd.errors import DataError, FeatkdError
 
@@ -87,8 +87,7 @@ class StreamDataset(torch.utils.data.Dataset):
             try:
                 if epoch is None:
                     return i, self.transform(sample), skipped
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(mix_seed(self.seed, epoch, i))
+                with seeded_cpu_rng(mix_seed(self.seed, epoch, i)):
                     return i, self.transform(sample), skipped
             except FeatkdError as exc:
                 return BadSample(i, str(exc), error=exc)
