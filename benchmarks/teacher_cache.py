@@ -49,7 +49,8 @@ def train(config: str, out: Path, weight: float, epochs: int | None, cache: Path
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {"kd_weight": weight, "cached": cache is not None, "wall_s": round(wall, 2),
-            "train_s": round(summary["train_seconds"], 2), "test_acc": summary["test_acc"],
+            "train_s": round(summary["train_seconds"], 2), "metric": summary["metric"],
+            f"test_{summary['metric']}": summary["test_metric"],  # test_acc, test_miou, test_ap
             "teacher_cache": summary.get("teacher_cache")}
 
 
@@ -76,7 +77,7 @@ def main() -> None:
             row = train(args.config, out, w, args.epochs, cache if cached else None)
             runs.append(row)
             print(f"kd_weight {w:<5} {'cached' if cached else 'plain ':6}  wall {row['wall_s']:7.2f} s  "
-                  f"train {row['train_s']:7.2f} s  test_acc {row['test_acc']:.2f}", flush=True)
+                  f"train {row['train_s']:7.2f} s  test_{row['metric']} {row['test_' + row['metric']]:.2f}", flush=True)
     identical = [same_student(args.work / "plain" / f"run{i}", args.work / "cached" / f"run{i}")
                  for i in range(len(args.weights))]
     total = {c: {k: round(sum(r[k] for r in runs if r["cached"] == (c == "cached")), 2)
