@@ -349,3 +349,15 @@ def test_a_shortened_protocol_scales_every_method_schedule_in_epochs():
     full = load_protocol("data-limited")  # the same length as its configs: nothing changes
     assert all(not scaled_schedule(load_raw(c), load_raw(full.base)) for c in full.methods.values()) \
         if full.base else True
+
+
+def test_a_trials_values_go_to_set_as_yaml_reads_them_back_exponent_floats_included():
+    """An extension below 1e-4 prints as 9e-05, which PyYAML reads as a string: the cwt trial of scenes-det-tuned
+    stopped with "method.alpha: expected a number, got '9e-05'"."""
+    from featkd.bench.protocol import trial_overrides
+    from featkd.config import parse_override
+
+    for value in (9e-05, 3.0e-4, 1e20, 2.5e-10, 0.1, 5, True, None, "1e4", [1e-05, 0.5, 3], {"a": 1e-06, "b": "x"}):
+        item = trial_overrides({"method.alpha": value})[0]
+        back = parse_override(item)[1]
+        assert back == value and type(back) is type(value), item

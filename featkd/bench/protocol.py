@@ -153,7 +153,20 @@ def trial_settings(entry: Any, where: str) -> list[dict[str, Any]]:
 def trial_overrides(setting: dict[str, Any]) -> list[str]:
     """A trial's setting as ``--set`` items (values as JSON, which ``--set`` reads back as YAML: "1e4" stays a
     string, 1e4 a number)."""
-    return [f"{key}={json.dumps(value)}" for key, value in setting.items()]
+    return [f"{key}={yaml_number_text(value)}" for key, value in setting.items()]
+
+
+def yaml_number_text(value: Any) -> str:
+    """``value`` as JSON that YAML 1.1 reads back as the same value: a float's exponent form gets a dot in its
+    mantissa (PyYAML reads ``9e-05``, what ``json.dumps`` writes for 9e-05, as a string; ``9.0e-05`` as a float)."""
+    if isinstance(value, float) and "e" in (text := json.dumps(value)):
+        mantissa, exponent = text.split("e")
+        return f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
+    if isinstance(value, list):
+        return "[" + ", ".join(yaml_number_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {yaml_number_text(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def check_tune(protocol: Protocol) -> dict[str, list[dict[str, Any]]]:
