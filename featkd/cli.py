@@ -9,6 +9,7 @@ and the rest inside ``run``), so ``featkd --help`` and ``featkd --version`` star
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _wait_for_the_other_ranks()
+        return code
     except FeatkdError as exc:
         rank = os.environ.get("RANK", "0")
         prefix = "featkd: error: " if rank == "0" else f"featkd: error (rank {rank}): "
@@ -62,6 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     finally:
         _leave_process_group()
+
+
+def _wait_for_the_other_ranks() -> None:
+    """After a command that returned: every rank of its torch.distributed group waits for the others, so none
+    tears the group down while rank 0 still writes its files (gloo's teardown then aborted a finished rank now and
+    then: "terminate called without an active exception"). A peer that left already (it failed) ends the wait."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        # RuntimeError: the peer's exit closed the connection; its own error is what the user reads
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
 
 
 def _leave_process_group() -> None:
