@@ -15,6 +15,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from featkd.errors import FeatkdError
 
@@ -67,12 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_process_group()
 
 
+def _joined_group() -> Any:
+    """``torch.distributed`` when the command joined a process group, else None (torch is not imported for it:
+    ``featkd --help`` stays fast)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _wait_for_the_other_ranks() -> None:
     """After a command that returned: every rank of its torch.distributed group waits for the others, so none
     tears the group down while rank 0 still writes its files (gloo's teardown then aborted a finished rank now and
     then: "terminate called without an active exception"). A peer that left already (it failed) ends the wait."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if (dist := _joined_group()) is not None:
         # RuntimeError: the peer's exit closed the connection; its own error is what the user reads
         with contextlib.suppress(RuntimeError):
             dist.barrier()
@@ -81,8 +88,7 @@ def _wait_for_the_other_ranks() -> None:
 def _leave_process_group() -> None:
     """Destroy a torch.distributed group the command joined: left to interpreter shutdown, gloo's threads
     can abort the process after a finished run ("terminate called without an active exception")."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if (dist := _joined_group()) is not None:
         dist.destroy_process_group()
 
 
